@@ -1,0 +1,123 @@
+"""The values that cross the engine's boundary: requests, options, usage and results.
+
+Frozen dataclasses, so a request cannot change while it is queued or batched; each converts to and
+from plain JSON-able dicts for the queue.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+DEFAULT_MAX_TOKENS = 256
+DEFAULT_TEMPERATURE = 0.6
+
+
+class FinishReason(enum.StrEnum):
+    STOP = "stop"  # the model emitted its end-of-turn token
+    LENGTH = "length"  # max_tokens was reached
+    CANCELLED = "cancelled"  # the caller stopped the generation
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """How tokens are chosen. temperature 0 (or top_k 1) means greedy decoding."""
+
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    temperature: float = DEFAULT_TEMPERATURE
+    top_p: float = 1.0
+    top_k: int | None = None  # None: no top-k limit
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+    def batch_key(self) -> tuple:
+        """Requests with equal keys may share one engine call (its settings apply to all prompts)."""
+        if self.greedy:
+            return ("greedy",)
+        return ("sample", self.temperature, self.top_p, self.top_k)
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One generation: either a bare prompt or chat messages, and how to sample."""
+
+    prompt: str | None = None
+    messages: tuple[Message, ...] | None = None
+    raw: bool = False  # True: the prompt goes to the model as is, without the chat template
+    options: SamplingOptions = field(default_factory=SamplingOptions)
+
+    def __post_init__(self) -> None:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("a GenerationRequest needs exactly one of prompt or messages")
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"raw": self.raw, **asdict(self.options)}
+        if self.prompt is not None:
+            data["prompt"] = self.prompt
+        else:
+            data["messages"] = [asdict(m) for m in self.messages]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GenerationRequest:
+        option_names = SamplingOptions.__dataclass_fields__.keys()
+        options = SamplingOptions(**{k: data[k] for k in option_names if data.get(k) is not None})
+        messages = data.get("messages")
+        return cls(
+            prompt=data.get("prompt"),
+            messages=tuple(Message(m["role"], m["content"]) for m in messages) if messages is not None else None,
+            raw=bool(data.get("raw", False)),
+            options=options,
+        )
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def to_dict(self) -> dict[str, int]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.total_tokens,
+        }
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    response: str
+    usage: Usage
+    finish_reason: FinishReason
+    tool_calls: tuple[dict[str, Any], ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "response": self.response,
+            "tool_calls": list(self.tool_calls),
+            "usage": self.usage.to_dict(),
+            "finish_reason": self.finish_reason.value,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GenerationResult:
+        usage = data["usage"]
+        return cls(
+            response=data["response"],
+            usage=Usage(usage["prompt_tokens"], usage["completion_tokens"]),
+            finish_reason=FinishReason(data["finish_reason"]),
+            tool_calls=tuple(data.get("tool_calls", ())),
+        )

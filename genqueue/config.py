@@ -1,0 +1,74 @@
+"""Every setting, its default and its unit, in one place.
+
+Each setting can be given as a GENQUEUE_<NAME> environment variable (values are parsed as JSON when
+they parse, as Flask's from_prefixed_env does) or as a CLI flag. The API reads them through
+`app.config.from_prefixed_env("GENQUEUE")`, the worker and CLI through `load()`; both see the same
+names and defaults.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+ENV_PREFIX = "GENQUEUE_"
+
+DEFAULTS: dict[str, Any] = {
+    # Redis: Celery broker, result backend and the job store, all in one server.
+    "REDIS_URL": "redis://127.0.0.1:6379/0",
+    # Where prepared models live, and which one workers load (a name under MODELS_DIR, or a path).
+    "MODELS_DIR": "models",
+    "MODEL": "smollm2-135m-instruct",
+    # How long everything a job leaves in Redis (record, chunk log) is kept, counted from its last change.
+    "JOB_TTL_S": 24 * 3600,
+    # Longest ?wait= a GET may block for.
+    "MAX_WAIT_S": 60,
+    # Seconds between SSE keep-alive comments on a stream with nothing to send.
+    "SSE_KEEPALIVE_S": 15,
+    # Queue a job goes to when the request does not name one.
+    "DEFAULT_QUEUE": "cpu",
+    # Worker: device (cpu or cuda), CTranslate2 compute type (None: int8 on cpu, int8_float16 on cuda),
+    # threads per engine call (0: CTranslate2 picks), engine replicas.
+    "DEVICE": "cpu",
+    "COMPUTE_TYPE": None,
+    "INTRA_THREADS": 0,
+    "INTER_THREADS": 1,
+    # Worker: jobs taken at once from the queue, and how many of them one engine call may batch.
+    "CONCURRENCY": 8,
+    "MAX_BATCH_SIZE": 8,
+    # Worker: how long the batcher waits for more jobs to join a batch (seconds).
+    "GATHER_WINDOW_S": 0.005,
+    # API server.
+    "HOST": "127.0.0.1",
+    "PORT": 8000,
+}
+
+QUEUES = ("cpu", "gpu")
+
+
+def parse_value(raw: str) -> Any:
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw
+
+
+def load(environ: Mapping[str, str] | None = None, **overrides: Any) -> dict[str, Any]:
+    """DEFAULTS, then GENQUEUE_* variables, then explicit overrides (None means 'not given')."""
+    environ = os.environ if environ is None else environ
+    settings = dict(DEFAULTS)
+    for key, raw in environ.items():
+        if key.startswith(ENV_PREFIX):
+            settings[key.removeprefix(ENV_PREFIX)] = parse_value(raw)
+    settings.update({k.upper(): v for k, v in overrides.items() if v is not None})
+    return settings
+
+
+def model_path(settings: Mapping[str, Any]) -> str:
+    """The model directory: MODEL as a path if it is one, else a name under MODELS_DIR."""
+    model = str(settings["MODEL"])
+    if os.sep in model or model.startswith("."):
+        return model
+    return os.path.join(str(settings["MODELS_DIR"]), model)

@@ -1,0 +1,214 @@
+"""The job store: the only code that writes a job's state, its event log and its pub/sub events.
+
+A job's events (text chunks, then one end event) are numbered from 1. Each is appended to the job's
+stream under the id "<seq>-0" and published on its channel in one atomic script, so a reader that
+subscribes first and then replays the stream misses nothing and can drop duplicates by seq. An
+event whose seq is already logged is skipped (a redelivered job does not log its chunks twice), and
+nothing is appended to a job that has already ended.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from genqueue.config import DEFAULTS
+from tasks import keys
+from tasks.states import JobState
+
+CHUNK = "chunk"
+END = "end"
+TERMINAL_STATES = [s.value for s in JobState if s.terminal]
+
+# KEYS: job hash, log stream, channel. ARGV: ttl_s, seq (0: no event), event json, then field/value
+# pairs for the job hash. Returns 1 if applied, 0 for an already-logged seq, -1 if the job has ended
+# (or expired), in which case nothing is written.
+_APPLY = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return -1 end
+for _, ended in ipairs(cjson.decode(ARGV[4])) do
+  if status == ended then return -1 end
+end
+local seq = tonumber(ARGV[2])
+if seq > 0 then
+  local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
+  if #last > 0 and tonumber(string.match(last[1][1], '^(%d+)-')) >= seq then return 0 end
+end
+if #ARGV > 4 then
+  redis.call('HSET', KEYS[1], unpack(ARGV, 5))
+end
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+if seq > 0 then
+  redis.call('XADD', KEYS[2], seq .. '-0', 'event', ARGV[3])
+  redis.call('EXPIRE', KEYS[2], ARGV[1])
+  redis.call('PUBLISH', KEYS[3], ARGV[3])
+end
+return 1
+"""
+
+
+def now() -> float:
+    return time.time()
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    id: str
+    status: JobState
+    queue: str
+    request: dict[str, Any]
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    result: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+    attempts: int = 0
+
+    @classmethod
+    def from_hash(cls, data: dict[str, str]) -> JobRecord:
+        def number(name: str) -> float | None:
+            return float(data[name]) if data.get(name) else None
+
+        def document(name: str) -> Any:
+            return json.loads(data[name]) if data.get(name) else None
+
+        return cls(
+            id=data["id"],
+            status=JobState(data["status"]),
+            queue=data.get("queue", ""),
+            request=document("request") or {},
+            created_at=float(data["created_at"]),
+            started_at=number("started_at"),
+            finished_at=number("finished_at"),
+            result=document("result"),
+            error=document("error"),
+            attempts=int(data.get("attempts", 0)),
+        )
+
+
+class JobStore:
+    def __init__(self, client: redis.Redis, ttl_s: int = DEFAULTS["JOB_TTL_S"]):
+        self.redis = client
+        self.ttl_s = int(ttl_s)
+        self._apply = client.register_script(_APPLY)
+
+    @classmethod
+    def from_url(cls, url: str, ttl_s: int = DEFAULTS["JOB_TTL_S"]) -> JobStore:
+        return cls(redis.Redis.from_url(url, decode_responses=True, health_check_interval=30), ttl_s)
+
+    # -- writers -------------------------------------------------------------------------------
+
+    def create(self, job_id: str, request: dict[str, Any], queue: str) -> JobRecord:
+        record = JobRecord(id=job_id, status=JobState.QUEUED, queue=queue, request=request, created_at=now())
+        fields = {
+            "id": job_id,
+            "status": record.status.value,
+            "queue": queue,
+            "request": json.dumps(request),
+            "created_at": repr(record.created_at),
+            "attempts": 0,
+        }
+        with self.redis.pipeline() as pipe:
+            pipe.hset(keys.job(job_id), mapping=fields)
+            pipe.expire(keys.job(job_id), self.ttl_s)
+            pipe.execute()
+        return record
+
+    def delete(self, job_id: str) -> None:
+        """Remove a job that was never enqueued (its enqueue failed)."""
+        self.redis.delete(keys.job(job_id), keys.job_log(job_id))
+
+    def mark_running(self, job_id: str) -> bool:
+        """Record that a worker started the job; False if it has ended or expired meanwhile."""
+        applied = self._run(job_id, 0, None, {"status": JobState.RUNNING.value, "started_at": repr(now())})
+        if applied == 1:
+            self.redis.hincrby(keys.job(job_id), "attempts", 1)
+        return applied == 1
+
+    def append_chunk(self, job_id: str, seq: int, text: str) -> bool:
+        """Log and publish the seq-th chunk; False if it was logged already or the job has ended."""
+        return self._run(job_id, seq, {"seq": seq, "type": CHUNK, "text": text}, {}) == 1
+
+    def finish(
+        self,
+        job_id: str,
+        seq: int,
+        status: JobState,
+        result: dict[str, Any] | None = None,
+        error: dict[str, Any] | None = None,
+    ) -> bool:
+        """End the job with its last event; False if it had already ended (the first end wins)."""
+        assert status.terminal
+        fields = {"status": status.value, "finished_at": repr(now())}
+        if result is not None:
+            fields["result"] = json.dumps(result)
+        if error is not None:
+            fields["error"] = json.dumps(error)
+        event = {"seq": seq, "type": END, "status": status.value, "result": result, "error": error}
+        return self._run(job_id, seq, event, fields) == 1
+
+    def _run(self, job_id: str, seq: int, event: dict | None, fields: dict[str, Any]) -> int:
+        args: list[Any] = [self.ttl_s, seq, json.dumps(event) if event else "", json.dumps(TERMINAL_STATES)]
+        for name, value in fields.items():
+            args += [name, value]
+        return int(self._apply(keys=[keys.job(job_id), keys.job_log(job_id), keys.job_channel(job_id)], args=args))
+
+    # -- readers -------------------------------------------------------------------------------
+
+    def get(self, job_id: str) -> JobRecord | None:
+        data = self.redis.hgetall(keys.job(job_id))
+        return JobRecord.from_hash(data) if data else None
+
+    def events(self, job_id: str, after_seq: int = 0) -> list[dict[str, Any]]:
+        """The logged events with seq > after_seq, in order."""
+        entries = self.redis.xrange(keys.job_log(job_id), min=f"({after_seq}-0" if after_seq else "-")
+        return [json.loads(fields["event"]) for _id, fields in entries]
+
+    def follow(self, job_id: str, after_seq: int = 0, poll_s: float = 1.0) -> Iterator[dict[str, Any] | None]:
+        """Every event with seq > after_seq: first those logged, then live ones, until the end event.
+
+        Yields None every poll_s seconds with nothing new, so a caller can send keep-alives or give
+        up. Subscribing before replaying the log means no event falls between the two.
+        """
+        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        try:
+            pubsub.subscribe(keys.job_channel(job_id))
+            last = after_seq
+            for event in self.events(job_id, after_seq):
+                last = event["seq"]
+                yield event
+                if event["type"] == END:
+                    return
+            quiet_since = time.monotonic()
+            while True:
+                message = pubsub.get_message(timeout=poll_s)
+                if message is None:
+                    if time.monotonic() - quiet_since < poll_s:
+                        continue  # a subscribe confirmation, not a quiet period
+                    if self.get(job_id) is None:  # expired while we waited: nothing more will come
+                        return
+                    quiet_since = time.monotonic()
+                    yield None
+                    continue
+                quiet_since = time.monotonic()
+                event = json.loads(message["data"])
+                if event["seq"] <= last:
+                    continue
+                if event["seq"] > last + 1:  # missed something (cannot happen while subscribed): replay
+                    for missed in self.events(job_id, last):
+                        last = missed["seq"]
+                        yield missed
+                        if missed["type"] == END:
+                            return
+                    continue
+                last = event["seq"]
+                yield event
+                if event["type"] == END:
+                    return
+        finally:
+            pubsub.close()
