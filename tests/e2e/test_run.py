@@ -1,0 +1,113 @@
+"""The stack exactly as `make run` starts it: `genqueue run` (API under gunicorn, one worker)."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from tests.conftest import E2E_DB, REPO, redis_url
+from tests.helpers import parse_sse, sse_text
+
+READY_TIMEOUT_S = 120
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def http(method: str, url: str, body: dict | None = None, timeout: float = 60):
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    return urllib.request.urlopen(request, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def stack(smollm2_dir, tmp_path_factory):
+    port = free_port()
+    env = {
+        **os.environ,
+        "GENQUEUE_REDIS_URL": redis_url(E2E_DB),
+        "GENQUEUE_PORT": str(port),
+        "GENQUEUE_MODELS_DIR": str(smollm2_dir.parent),
+    }
+    log = open(tmp_path_factory.mktemp("run") / "run.log", "w+")  # noqa: SIM115
+    process = subprocess.Popen(
+        [sys.executable, "-m", "genqueue.cli", "run"],
+        env=env,
+        cwd=REPO,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while True:
+        log.seek(0)
+        output = log.read()
+        if "genqueue is ready" in output:
+            break
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"genqueue run did not become ready:\n{output}")
+        time.sleep(0.3)
+    yield url, process, log
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
+
+
+def test_run_prints_the_url_and_a_curl_example(stack):
+    url, _process, log = stack
+    log.seek(0)
+    output = log.read()
+    assert f"genqueue is ready at {url}" in output
+    assert f"curl -s {url}/v1/jobs" in output
+
+
+def test_a_job_over_http_answers_paris_and_streams_the_same_text(stack):
+    url, _process, _log = stack
+    submitted = time.perf_counter()
+    with http("POST", f"{url}/v1/jobs", {"prompt": "What is the capital of France?", "temperature": 0}) as r:
+        assert r.status == 202
+        job_id = json.load(r)["id"]
+    with http("GET", f"{url}/v1/jobs/{job_id}?wait=60") as r:
+        job = json.load(r)
+    elapsed = time.perf_counter() - submitted
+    assert job["status"] == "succeeded", job
+    assert "Paris" in job["result"]["response"]
+    print(f"\nsubmit to result over HTTP: {elapsed * 1000:.0f} ms for {job['result']['usage']}")
+    with http("GET", f"{url}/v1/jobs/{job_id}/stream") as r:
+        assert r.headers["Content-Type"].startswith("text/event-stream")
+        events = parse_sse(r.read().decode())
+    assert sse_text(events) == job["result"]["response"]
+
+
+def test_a_live_stream_arrives_chunk_by_chunk(stack):
+    url, _process, _log = stack
+    body = {"prompt": "Write a long story about a lighthouse.", "temperature": 0, "max_tokens": 120, "stream": True}
+    arrivals = []
+    with http("POST", f"{url}/v1/jobs", body) as r:
+        for line in r:
+            if line.startswith(b"data: "):
+                arrivals.append(time.perf_counter())
+    # 120 tokens take well over a second on this machine; a buffered answer would arrive at once.
+    assert len(arrivals) > 50
+    assert arrivals[-1] - arrivals[0] > 0.5
+
+
+def test_ctrl_c_stops_everything_it_started(stack):
+    _url, process, log = stack
+    children = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
+    assert len(children) == 2  # the worker and the API
+    os.kill(process.pid, signal.SIGINT)
+    assert process.wait(timeout=30) == 0
+    for pid in children:
+        with pytest.raises(ProcessLookupError):
+            os.kill(int(pid), 0)

@@ -1,0 +1,127 @@
+import pytest
+
+from engine import (
+    ContextLengthExceededError,
+    FinishReason,
+    GenerationRequest,
+    InvalidRequestError,
+    Message,
+    Model,
+    ModelNotFoundError,
+    SamplingOptions,
+)
+
+GREEDY = SamplingOptions(temperature=0, max_tokens=24)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir):
+    return Model(tiny_dir)
+
+
+@pytest.fixture(scope="module")
+def smol(smollm2_dir):
+    return Model(smollm2_dir)
+
+
+def test_greedy_answer_of_the_real_model_stops_at_end_of_turn(smol):
+    result = smol.generate(GenerationRequest(prompt="What is the capital of France?", options=GREEDY))
+    assert "Paris" in result.response
+    assert result.finish_reason is FinishReason.STOP
+    assert 0 < result.usage.completion_tokens < GREEDY.max_tokens
+    assert result.usage.total_tokens == result.usage.prompt_tokens + result.usage.completion_tokens
+
+
+def test_max_tokens_bounds_the_completion(tiny):
+    result = tiny.generate(GenerationRequest(prompt="hello", options=SamplingOptions(temperature=0, max_tokens=7)))
+    assert result.usage.completion_tokens == 7
+    assert result.finish_reason is FinishReason.LENGTH
+
+
+def test_stream_concatenates_to_the_generated_response(tiny, smol):
+    for model in (tiny, smol):
+        request = GenerationRequest(prompt="Write a short poem about the sea, with emoji.", options=GREEDY)
+        stream = model.stream(request)
+        chunks = []
+        while True:
+            try:
+                chunks.append(next(stream))
+            except StopIteration as stop:
+                result = stop.value
+                break
+        assert len(chunks) > 1
+        assert "".join(chunks) == result.response == model.generate(request).response
+        assert result.response == model.tokenizer.decode(
+            model.tokenizer._tokenizer.encode(result.response, add_special_tokens=False).ids
+        )
+
+
+def test_closing_a_stream_stops_the_generation(tiny):
+    stream = tiny.stream(GenerationRequest(prompt="hi", options=SamplingOptions(temperature=0, max_tokens=200)))
+    next(stream)
+    stream.close()  # the engine thread sees closed and stops; nothing hangs
+
+
+def test_chat_template_is_applied_unless_raw(smol):
+    tokenizer = smol.tokenizer
+    templated = tokenizer.render(GenerationRequest(prompt="Hi there"))
+    assert templated.endswith("<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n")
+    messages = (Message("system", "Be brief."), Message("user", "Hi"))
+    rendered = tokenizer.render(GenerationRequest(messages=messages))
+    assert (
+        rendered == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert tokenizer.render(GenerationRequest(prompt="Hi there", raw=True)) == "Hi there"
+    with pytest.raises(InvalidRequestError):
+        tokenizer.render(GenerationRequest(messages=messages, raw=True))
+
+
+def test_prompt_plus_max_tokens_over_the_context_is_a_clear_error(tiny):
+    assert tiny.max_context == 512
+    long_prompt = "word " * 600
+    with pytest.raises(ContextLengthExceededError, match="over this model's context of 512"):
+        tiny.encode(GenerationRequest(prompt=long_prompt, options=GREEDY))
+    short = GenerationRequest(prompt="hi", options=SamplingOptions(max_tokens=510))
+    with pytest.raises(ContextLengthExceededError):
+        tiny.encode(short)
+    # The model still serves after refusing.
+    assert tiny.generate(GenerationRequest(prompt="hi", options=GREEDY)).usage.completion_tokens > 0
+
+
+def test_a_batch_stops_each_prompt_at_its_own_max_tokens(tiny):
+    prompts = [
+        tiny.encode(GenerationRequest(prompt=text, options=SamplingOptions(temperature=0, max_tokens=n)))
+        for text, n in [("a", 3), ("a longer prompt here", 11), ("b", 6)]
+    ]
+    seen: dict[int, list[str]] = {0: [], 1: [], 2: []}
+    results = tiny.generate_batch(prompts, on_chunk=lambda i, text: seen[i].append(text))
+    assert [r.usage.completion_tokens for r in results] == [3, 11, 6]
+    assert [r.finish_reason for r in results] == [FinishReason.LENGTH] * 3
+    assert ["".join(seen[i]) for i in range(3)] == [r.response for r in results]
+
+
+def test_a_batch_refuses_mixed_sampling_settings(tiny):
+    greedy = tiny.encode(GenerationRequest(prompt="a", options=GREEDY))
+    sampled = tiny.encode(GenerationRequest(prompt="a", options=SamplingOptions(temperature=0.7)))
+    with pytest.raises(InvalidRequestError, match="share their sampling settings"):
+        tiny.generate_batch([greedy, sampled])
+
+
+def test_should_stop_cancels_one_prompt_alone(tiny):
+    options = SamplingOptions(temperature=0, max_tokens=20)
+    prompts = [tiny.encode(GenerationRequest(prompt=p, options=options)) for p in ("one", "two")]
+    counts = {0: 0, 1: 0}
+
+    def on_chunk(i, _text):
+        counts[i] += 1
+
+    results = tiny.generate_batch(prompts, on_chunk=on_chunk, should_stop=lambda i: i == 0)
+    assert results[0].finish_reason is FinishReason.CANCELLED
+    assert results[0].usage.completion_tokens == 1
+    assert results[1].finish_reason is FinishReason.LENGTH
+    assert results[1].usage.completion_tokens == 20
+
+
+def test_a_missing_model_directory_is_a_clear_error(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="genqueue model prepare"):
+        Model(tmp_path / "nothing-here")

@@ -1,0 +1,64 @@
+"""Test helpers: building a tiny model, reading SSE streams, waiting for jobs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
+
+
+def build_tiny_llama(hf_dir: Path, tokenizer_source: Path, seed: int = 0) -> Path:
+    """Save a random 2-layer Llama (hidden 64, context 512) with the tokenizer files of another model."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=True,
+    )
+    LlamaForCausalLM(config).save_pretrained(hf_dir)
+    for name in TOKENIZER_FILES:
+        if (tokenizer_source / name).is_file():
+            shutil.copy(tokenizer_source / name, hf_dir / name)
+    return hf_dir
+
+
+def parse_sse(text: str) -> list[dict]:
+    """Events of an SSE body as dicts with 'id', 'event' and 'data' (raw string)."""
+    events = []
+    for block in text.split("\n\n"):
+        if not block.strip() or block.startswith(":"):
+            continue
+        event = {"id": None, "event": None, "data": None}
+        for line in block.splitlines():
+            name, _, value = line.partition(": ")
+            if name in event:
+                event[name] = value
+        events.append(event)
+    return events
+
+
+def sse_text(events: list[dict]) -> str:
+    """The response text a client assembles from an SSE stream's chunks."""
+    return "".join(
+        json.loads(e["data"])["response"]
+        for e in events
+        if e["data"] not in (None, "[DONE]") and "response" in json.loads(e["data"])
+    )
+
+
+def wait_job(client, job_id: str, timeout_s: int = 60) -> dict:
+    response = client.get(f"/v1/jobs/{job_id}?wait={timeout_s}")
+    assert response.status_code == 200, response.json
+    return response.json

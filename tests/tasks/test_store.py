@@ -1,0 +1,103 @@
+import threading
+import time
+
+import pytest
+import redis
+
+from tasks import keys
+from tasks.states import JobState
+from tasks.store import JobStore
+from tests.conftest import STORE_DB, redis_url
+
+
+@pytest.fixture
+def store():
+    store = JobStore.from_url(redis_url(STORE_DB), ttl_s=120)
+    store.redis.flushdb()
+    return store
+
+
+def test_a_job_and_its_log_expire_after_the_ttl(store):
+    store.create("j1", {"prompt": "hi"}, "cpu")
+    assert store.append_chunk("j1", 1, "Hel")
+    assert 0 < store.redis.ttl(keys.job("j1")) <= 120
+    assert 0 < store.redis.ttl(keys.job_log("j1")) <= 120
+
+
+def test_chunks_replay_in_order_and_a_repeated_seq_is_not_logged_twice(store):
+    store.create("j1", {"prompt": "hi"}, "cpu")
+    assert store.mark_running("j1")
+    assert [store.append_chunk("j1", seq, text) for seq, text in [(1, "a"), (2, "b"), (3, "c")]] == [True] * 3
+    # A redelivered job generates its chunks again: the log keeps one copy.
+    assert not store.append_chunk("j1", 1, "a")
+    assert not store.append_chunk("j1", 3, "c")
+    assert store.finish("j1", 4, JobState.SUCCEEDED, result={"response": "abc"})
+    events = store.events("j1")
+    assert [e["seq"] for e in events] == [1, 2, 3, 4]
+    assert [e.get("text") for e in events[:3]] == ["a", "b", "c"]
+    assert events[3]["type"] == "end" and events[3]["status"] == "succeeded"
+    assert [e["seq"] for e in store.events("j1", after_seq=2)] == [3, 4]
+
+
+def test_nothing_is_appended_after_the_job_ended(store):
+    store.create("j1", {"prompt": "hi"}, "cpu")
+    assert store.finish("j1", 1, JobState.CANCELLED)
+    assert not store.append_chunk("j1", 2, "late")
+    assert not store.finish("j1", 2, JobState.SUCCEEDED, result={"response": "late"})
+    assert not store.mark_running("j1")
+    record = store.get("j1")
+    assert record.status is JobState.CANCELLED
+    assert record.result is None
+    assert [e["seq"] for e in store.events("j1")] == [1]
+
+
+def test_unknown_or_expired_jobs_take_no_writes(store):
+    assert store.get("nope") is None
+    assert not store.append_chunk("nope", 1, "x")
+    assert not store.redis.exists(keys.job_log("nope"))
+
+
+def test_record_keeps_state_and_timestamps(store):
+    created = store.create("j1", {"prompt": "hi", "max_tokens": 3}, "cpu")
+    assert created.status is JobState.QUEUED and created.started_at is None
+    store.mark_running("j1")
+    running = store.get("j1")
+    assert running.status is JobState.RUNNING and running.started_at >= running.created_at
+    assert running.attempts == 1
+    store.finish("j1", 1, JobState.FAILED, error={"code": "x", "message": "y"})
+    failed = store.get("j1")
+    assert failed.status is JobState.FAILED and failed.finished_at >= failed.started_at
+    assert failed.error == {"code": "x", "message": "y"} and failed.request["max_tokens"] == 3
+
+
+def test_a_live_follower_and_a_late_one_see_every_event(store):
+    store.create("j1", {"prompt": "hi"}, "cpu")
+    store.append_chunk("j1", 1, "early ")
+    live: list[dict] = []
+    follower = threading.Thread(target=lambda: live.extend(e for e in store.follow("j1", poll_s=0.2) if e))
+    follower.start()
+    time.sleep(0.3)
+    for seq in range(2, 30):
+        store.append_chunk("j1", seq, f"{seq} ")
+    store.finish("j1", 30, JobState.SUCCEEDED, result={"response": "..."})
+    follower.join(timeout=10)
+    late = [e for e in store.follow("j1") if e]
+    assert [e["seq"] for e in live] == list(range(1, 31))
+    assert late == live
+
+
+def test_follow_resumes_after_a_seq_and_ends_when_the_job_expires(store):
+    store.create("j1", {"prompt": "hi"}, "cpu")
+    for seq in (1, 2, 3):
+        store.append_chunk("j1", seq, "x")
+    events = store.follow("j1", after_seq=2, poll_s=0.2)
+    assert next(events)["seq"] == 3
+    assert next(events) is None  # quiet: a keep-alive point
+    store.redis.delete(keys.job("j1"))
+    assert list(events) == []
+
+
+def test_store_errors_surface_as_redis_errors():
+    store = JobStore.from_url("redis://127.0.0.1:1/0")
+    with pytest.raises(redis.ConnectionError):
+        store.get("j1")
