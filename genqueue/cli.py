@@ -208,7 +208,7 @@ def run(host, port, model) -> None:
             announced = True
             click.echo(
                 f"\ngenqueue is ready at {url}  (Ctrl-C stops it)\n\n"
-                f"  curl -s {url}/v1/jobs -H 'Content-Type: application/json' \\\n"
+                f"  curl -sN {url}/v1/jobs -H 'Content-Type: application/json' \\\n"
                 f'       -d \'{{"prompt": "What is the capital of France?", "stream": true}}\'\n'
             )
         elif not announced and time.monotonic() > deadline:

@@ -68,7 +68,7 @@ def test_run_prints_the_url_and_a_curl_example(stack):
     log.seek(0)
     output = log.read()
     assert f"genqueue is ready at {url}" in output
-    assert f"curl -s {url}/v1/jobs" in output
+    assert f"curl -sN {url}/v1/jobs" in output
 
 
 def test_a_job_over_http_answers_paris_and_streams_the_same_text(stack):
