@@ -13,6 +13,7 @@ from api.errors import ApiError
 from api.schemas import GenerationSchema
 from api.sse import job_event_stream
 from tasks.app import enqueue
+from tasks.states import JobState
 from tasks.store import JobRecord, JobStore
 
 bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
@@ -141,3 +142,16 @@ def stream_job(job_id: str):
             {"Last-Event-ID": ["Must be a non-negative integer."]},
         )
     return event_stream_response(job_id, int(last_event_id))
+
+
+@bp.delete("/<job_id>")
+def cancel_job(job_id: str):
+    """Cancel: a queued job never runs (200, cancelled); a running one stops within a few tokens and
+    keeps its partial output (202, then cancelled); an ended job cannot be cancelled (409)."""
+    status = store().cancel(job_id)
+    if status is None:
+        raise ApiError(404, "job_not_found", f"no job {job_id!r} (unknown, or expired)")
+    if status in (JobState.SUCCEEDED, JobState.FAILED):
+        raise ApiError(409, "job_already_ended", f"job {job_id!r} already {status.value}; nothing to cancel")
+    current_app.logger.info("job %s: cancel requested (%s)", job_id, status.value)
+    return jsonify(job_view(get_record(job_id))), 200 if status is JobState.CANCELLED else 202

@@ -8,6 +8,9 @@ Per job:
 
 PREFIX = "genqueue"
 
+# Pub/sub channel on which the API announces cancelled job ids to every worker.
+CANCEL_CHANNEL = f"{PREFIX}:cancel"
+
 
 def job(job_id: str) -> str:
     return f"{PREFIX}:job:{job_id}"

@@ -52,6 +52,32 @@ return 1
 """
 
 
+# KEYS: job hash, log stream, job channel. ARGV: ttl_s, now, cancel channel, terminal states json, job id.
+# A queued job ends cancelled here and now (seq 1: it has no chunks); a running one is flagged and
+# announced, and its worker stops it within a few tokens. Returns the job's status after the call,
+# or nothing for an unknown job.
+_CANCEL = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return nil end
+for _, ended in ipairs(cjson.decode(ARGV[4])) do
+  if status == ended then return status end
+end
+redis.call('HSET', KEYS[1], 'cancel_requested', '1')
+if status == 'queued' then
+  local event = cjson.encode({seq = 1, type = 'end', status = 'cancelled'})
+  redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[2])
+  redis.call('XADD', KEYS[2], '1-0', 'event', event)
+  redis.call('EXPIRE', KEYS[2], ARGV[1])
+  redis.call('PUBLISH', KEYS[3], event)
+  status = 'cancelled'
+else
+  redis.call('PUBLISH', ARGV[3], ARGV[5])
+end
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+return status
+"""
+
+
 def now() -> float:
     return time.time()
 
@@ -68,6 +94,7 @@ class JobRecord:
     result: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
     attempts: int = 0
+    cancel_requested: bool = False
 
     @classmethod
     def from_hash(cls, data: dict[str, str]) -> JobRecord:
@@ -88,6 +115,7 @@ class JobRecord:
             result=document("result"),
             error=document("error"),
             attempts=int(data.get("attempts", 0)),
+            cancel_requested=data.get("cancel_requested") == "1",
         )
 
 
@@ -96,6 +124,7 @@ class JobStore:
         self.redis = client
         self.ttl_s = int(ttl_s)
         self._apply = client.register_script(_APPLY)
+        self._cancel = client.register_script(_CANCEL)
 
     @classmethod
     def from_url(cls, url: str, ttl_s: int = DEFAULTS["JOB_TTL_S"]) -> JobStore:
@@ -151,6 +180,19 @@ class JobStore:
             fields["error"] = json.dumps(error)
         event = {"seq": seq, "type": END, "status": status.value, "result": result, "error": error}
         return self._run(job_id, seq, event, fields) == 1
+
+    def cancel(self, job_id: str) -> JobState | None:
+        """Cancel a job: a queued one ends now, a running one is flagged and announced to workers.
+
+        Returns the job's state after the call (an ended job keeps its state), None if unknown."""
+        status = self._cancel(
+            keys=[keys.job(job_id), keys.job_log(job_id), keys.job_channel(job_id)],
+            args=[self.ttl_s, repr(now()), keys.CANCEL_CHANNEL, json.dumps(TERMINAL_STATES), job_id],
+        )
+        return JobState(status) if status else None
+
+    def cancel_requested(self, job_id: str) -> bool:
+        return self.redis.hget(keys.job(job_id), "cancel_requested") == "1"
 
     def _run(self, job_id: str, seq: int, event: dict | None, fields: dict[str, Any]) -> int:
         args: list[Any] = [self.ttl_s, seq, json.dumps(event) if event else "", json.dumps(TERMINAL_STATES)]

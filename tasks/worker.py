@@ -23,8 +23,9 @@ from genqueue import config
 from tasks import keys
 from tasks.app import GENERATE_TASK, celery_app
 from tasks.batcher import Batcher
+from tasks.cancel import CANCEL_POLL_S, CancelWatcher
 from tasks.states import JobState
-from tasks.store import JobStore
+from tasks.store import JobRecord, JobStore
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ class WorkerRuntime:
             inter_threads=settings["INTER_THREADS"],
         )
         self.batcher = Batcher(self.model, settings["MAX_BATCH_SIZE"], settings["GATHER_WINDOW_S"])
+        self.cancels = CancelWatcher(self.store.redis)
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
         threading.Thread(target=self._heartbeat, name="genqueue-heartbeat", daemon=True).start()
 
@@ -79,23 +81,40 @@ class WorkerRuntime:
         if not self.store.mark_running(job_id):
             return
         log.info("job %s: running", job_id)
+        self.cancels.watch(job_id)
+        try:
+            self._generate(job_id, record)
+        finally:
+            self.cancels.forget(job_id)
+
+    def _generate(self, job_id: str, record: JobRecord) -> None:
         seq = 0
+        cancelled = self.store.cancel_requested(job_id)  # cancelled between queue and start
+        next_poll = time.monotonic() + CANCEL_POLL_S
 
         def on_chunk(text: str) -> None:
             nonlocal seq
             seq += 1
             self.store.append_chunk(job_id, seq, text)
 
+        def should_stop() -> bool:
+            nonlocal cancelled, next_poll
+            if not cancelled and time.monotonic() >= next_poll:
+                next_poll = time.monotonic() + CANCEL_POLL_S
+                cancelled = self.store.cancel_requested(job_id)
+            return cancelled or self.cancels.is_cancelled(job_id)
+
         try:
             request = GenerationRequest.from_dict(record.request)
-            result = self.batcher.run(self.model.encode(request), on_chunk)
+            result = self.batcher.run(self.model.encode(request), on_chunk, should_stop)
         except EngineError as exc:
             log.info("job %s: failed: %s", job_id, exc.code)
             self.store.finish(job_id, seq + 1, JobState.FAILED, error={"code": exc.code, "message": str(exc)})
             return
         except (ValueError, KeyError, TypeError) as exc:  # a stored request this version cannot read
             log.exception("job %s: unreadable request", job_id)
-            self.store.finish(job_id, seq + 1, JobState.FAILED, error={"code": "invalid_request", "message": str(exc)})
+            error = {"code": "invalid_request", "message": str(exc)}
+            self.store.finish(job_id, seq + 1, JobState.FAILED, error=error)
             return
         status = JobState.CANCELLED if result.finish_reason is FinishReason.CANCELLED else JobState.SUCCEEDED
         self.store.finish(job_id, seq + 1, status, result=result.to_dict())
