@@ -5,17 +5,20 @@ from __future__ import annotations
 import redis
 from flask import Blueprint, current_app, jsonify
 
+from api.auth import public
 from tasks import keys
 
 bp = Blueprint("health", __name__)
 
 
 @bp.get("/healthz")
+@public
 def healthz():
     return jsonify({"status": "ok"})
 
 
 @bp.get("/readyz")
+@public
 def readyz():
     """Ready when Redis answers and some worker with a loaded model consumes each queue."""
     client = current_app.extensions["genqueue.store"].redis

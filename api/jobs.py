@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from flask import Blueprint, Response, current_app, jsonify, request, url_for
 from marshmallow import ValidationError
 
+from api.auth import current_owner
 from api.errors import ApiError
 from api.schemas import GenerationSchema
 from api.sse import job_event_stream
@@ -70,7 +71,7 @@ def submit(params: dict) -> JobRecord:
     params.pop("stream", None)
     queue = current_app.config["DEFAULT_QUEUE"]
     job_id = secrets.token_urlsafe(18)  # 144 random bits: unguessable
-    record = store().create(job_id, params, queue)
+    record = store().create(job_id, params, queue, owner=current_owner())
     try:
         enqueue(current_app.extensions["genqueue.celery"], job_id, queue)
     except Exception:
@@ -87,8 +88,9 @@ def event_stream_response(job_id: str, after_seq: int = 0) -> Response:
 
 
 def get_record(job_id: str) -> JobRecord:
+    """The job, if it exists and belongs to the caller's key: another key's job is a 404 too."""
     record = store().get(job_id)
-    if record is None:
+    if record is None or record.owner != (current_owner() or ""):
         raise ApiError(404, "job_not_found", f"no job {job_id!r} (unknown, or expired)")
     return record
 
@@ -148,6 +150,7 @@ def stream_job(job_id: str):
 def cancel_job(job_id: str):
     """Cancel: a queued job never runs (200, cancelled); a running one stops within a few tokens and
     keeps its partial output (202, then cancelled); an ended job cannot be cancelled (409)."""
+    get_record(job_id)  # 404 for unknown jobs and other keys' jobs
     status = store().cancel(job_id)
     if status is None:
         raise ApiError(404, "job_not_found", f"no job {job_id!r} (unknown, or expired)")

@@ -23,6 +23,7 @@ import click
 from genqueue import config
 
 READY_TIMEOUT_S = 300
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 def export(**settings) -> dict:
@@ -88,6 +89,28 @@ def model_list(models_dir) -> None:
         click.echo(f"{path.name}\t{meta.get('quantization')}\t{meta.get('source')}")
 
 
+# -- keys ---------------------------------------------------------------------------------------
+
+
+@main.group()
+def keys() -> None:
+    """Manage API keys."""
+
+
+@keys.command("create")
+@click.option("--name", default="default", show_default=True, help="Owner name the key's jobs are recorded under.")
+def keys_create(name) -> None:
+    """Make a new API key: prints the key (give it to the client) and the entry to configure."""
+    from api.auth import hash_key, new_key
+
+    if ":" in name or not name:
+        raise click.BadParameter("a name without ':'", param_hint="--name")
+    key = new_key()
+    click.echo(f"key:   {key}")
+    click.echo(f"entry: {name}:{hash_key(key)}")
+    click.echo("Add the entry to GENQUEUE_API_KEYS (comma-separated) or a line of GENQUEUE_API_KEYS_FILE.", err=True)
+
+
 # -- services ------------------------------------------------------------------------------------
 
 
@@ -98,7 +121,18 @@ def model_list(models_dir) -> None:
 def api(host, port, threads) -> None:
     """Serve the HTTP API under gunicorn."""
     settings = export(host=host, port=port)
-    bind = f"{settings['HOST']}:{settings['PORT']}"
+    from api.auth import load_keys
+
+    host = settings["HOST"]
+    if not load_keys(settings):
+        if host not in LOOPBACK_HOSTS and not settings["OPEN_API_ANY_HOST"]:
+            host = "127.0.0.1"
+        click.echo(
+            f"no API keys configured (GENQUEUE_API_KEYS / GENQUEUE_API_KEYS_FILE): the API is open, "
+            f"so it listens on {host} only",
+            err=True,
+        )
+    bind = f"{host}:{settings['PORT']}"
     os.execvp(
         sys.executable,
         [
@@ -245,7 +279,7 @@ def ensure_redis(redis_url: str) -> None:
     except redis.RedisError:
         pass
     parsed = urlparse(redis_url)
-    if parsed.hostname not in ("127.0.0.1", "localhost", "::1"):
+    if parsed.hostname not in LOOPBACK_HOSTS:
         raise click.ClickException(f"Redis at {redis_url} does not answer")
     server = shutil.which("redis-server")
     if server is None:

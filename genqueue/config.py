@@ -43,6 +43,11 @@ DEFAULTS: dict[str, Any] = {
     # API server.
     "HOST": "127.0.0.1",
     "PORT": 8000,
+    # API keys, as SHA-256 hashes ("name:hash" entries) in a list and/or a file; none: an open API,
+    # which `genqueue api` binds to 127.0.0.1 only unless OPEN_API_ANY_HOST is true.
+    "API_KEYS": None,
+    "API_KEYS_FILE": None,
+    "OPEN_API_ANY_HOST": False,
 }
 
 QUEUES = ("cpu", "gpu")

@@ -95,6 +95,7 @@ class JobRecord:
     error: dict[str, Any] | None = None
     attempts: int = 0
     cancel_requested: bool = False
+    owner: str = ""  # the API key's owner name; empty for an open API
 
     @classmethod
     def from_hash(cls, data: dict[str, str]) -> JobRecord:
@@ -116,6 +117,7 @@ class JobRecord:
             error=document("error"),
             attempts=int(data.get("attempts", 0)),
             cancel_requested=data.get("cancel_requested") == "1",
+            owner=data.get("owner", ""),
         )
 
 
@@ -132,8 +134,10 @@ class JobStore:
 
     # -- writers -------------------------------------------------------------------------------
 
-    def create(self, job_id: str, request: dict[str, Any], queue: str) -> JobRecord:
-        record = JobRecord(id=job_id, status=JobState.QUEUED, queue=queue, request=request, created_at=now())
+    def create(self, job_id: str, request: dict[str, Any], queue: str, owner: str | None = None) -> JobRecord:
+        record = JobRecord(
+            id=job_id, status=JobState.QUEUED, queue=queue, request=request, created_at=now(), owner=owner or ""
+        )
         fields = {
             "id": job_id,
             "status": record.status.value,
@@ -141,6 +145,7 @@ class JobStore:
             "request": json.dumps(request),
             "created_at": repr(record.created_at),
             "attempts": 0,
+            "owner": record.owner,
         }
         with self.redis.pipeline() as pipe:
             pipe.hset(keys.job(job_id), mapping=fields)
