@@ -40,6 +40,15 @@ DEFAULTS: dict[str, Any] = {
     "MAX_BATCH_SIZE": 8,
     # Worker: how long the batcher waits for more jobs to join a batch (seconds).
     "GATHER_WINDOW_S": 0.005,
+    # Worker: a job still generating after this long stops and fails (seconds).
+    "JOB_TIME_LIMIT_S": 600,
+    # A job whose worker died is run again up to this many starts in all, then fails.
+    "MAX_ATTEMPTS": 3,
+    # Redis broker: a delivered job not acknowledged this long (its worker died) is delivered again.
+    # Must exceed JOB_TIME_LIMIT_S, or a slow job would be handed out twice.
+    "VISIBILITY_TIMEOUT_S": 1800,
+    # How often each worker looks for such jobs to deliver again (seconds).
+    "REDELIVERY_CHECK_S": 10,
     # API server.
     "HOST": "127.0.0.1",
     "PORT": 8000,

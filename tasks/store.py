@@ -78,6 +78,40 @@ return status
 """
 
 
+# KEYS: job hash, log stream, job channel. ARGV: ttl_s, now, terminal states json, this worker's id,
+# the heartbeat key prefix, max attempts, the exhausted error json.
+# Claims a delivered job for this worker. A job running on another worker whose heartbeat is alive is
+# a duplicate delivery ('busy'); one whose worker is gone is taken over. Past max attempts the job
+# fails instead ('exhausted'). Returns 'claimed', 'busy', 'exhausted', the ended status, or nil.
+_CLAIM = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return nil end
+for _, ended in ipairs(cjson.decode(ARGV[3])) do
+  if status == ended then return status end
+end
+if status == 'running' then
+  local holder = redis.call('HGET', KEYS[1], 'worker')
+  if holder and holder ~= ARGV[4] and redis.call('EXISTS', ARGV[5] .. holder) == 1 then return 'busy' end
+end
+local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+if attempts > tonumber(ARGV[6]) then
+  local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
+  local seq = 1
+  if #last > 0 then seq = tonumber(string.match(last[1][1], '^(%d+)-')) + 1 end
+  local event = cjson.encode({seq = seq, type = 'end', status = 'failed', error = cjson.decode(ARGV[7])})
+  redis.call('HSET', KEYS[1], 'status', 'failed', 'finished_at', ARGV[2], 'error', ARGV[7])
+  redis.call('XADD', KEYS[2], seq .. '-0', 'event', event)
+  redis.call('EXPIRE', KEYS[2], ARGV[1])
+  redis.call('PUBLISH', KEYS[3], event)
+  return 'exhausted'
+end
+if status == 'queued' then redis.call('HSET', KEYS[1], 'started_at', ARGV[2]) end
+redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[4])
+return 'claimed'
+"""
+
+
 def now() -> float:
     return time.time()
 
@@ -127,6 +161,7 @@ class JobStore:
         self.ttl_s = int(ttl_s)
         self._apply = client.register_script(_APPLY)
         self._cancel = client.register_script(_CANCEL)
+        self._claim = client.register_script(_CLAIM)
 
     @classmethod
     def from_url(cls, url: str, ttl_s: int = DEFAULTS["JOB_TTL_S"]) -> JobStore:
@@ -157,12 +192,23 @@ class JobStore:
         """Remove a job that was never enqueued (its enqueue failed)."""
         self.redis.delete(keys.job(job_id), keys.job_log(job_id))
 
-    def mark_running(self, job_id: str) -> bool:
-        """Record that a worker started the job; False if it has ended or expired meanwhile."""
-        applied = self._run(job_id, 0, None, {"status": JobState.RUNNING.value, "started_at": repr(now())})
-        if applied == 1:
-            self.redis.hincrby(keys.job(job_id), "attempts", 1)
-        return applied == 1
+    def claim(self, job_id: str, worker_id: str, max_attempts: int) -> str | None:
+        """Take a delivered job for worker_id: 'claimed' (run it), 'busy' (a live worker runs it),
+        'exhausted' (it failed: too many attempts), an ended job's status, or None if unknown."""
+        error = {
+            "code": "attempts_exhausted",
+            "message": f"the job was started {max_attempts} times and its worker was lost each time",
+        }
+        args = [
+            self.ttl_s,
+            repr(now()),
+            json.dumps(TERMINAL_STATES),
+            worker_id,
+            keys.worker(""),
+            max_attempts,
+            json.dumps(error),
+        ]
+        return self._claim(keys=[keys.job(job_id), keys.job_log(job_id), keys.job_channel(job_id)], args=args)
 
     def append_chunk(self, job_id: str, seq: int, text: str) -> bool:
         """Log and publish the seq-th chunk; False if it was logged already or the job has ended."""

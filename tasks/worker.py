@@ -49,6 +49,10 @@ class WorkerRuntime:
         self.batcher = Batcher(self.model, settings["MAX_BATCH_SIZE"], settings["GATHER_WINDOW_S"])
         self.cancels = CancelWatcher(self.store.redis)
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
+        self._active: set[str] = set()  # jobs this process is running now
+        self._active_lock = threading.Lock()
+        if settings["VISIBILITY_TIMEOUT_S"] <= settings["JOB_TIME_LIMIT_S"]:
+            log.warning("VISIBILITY_TIMEOUT_S should exceed JOB_TIME_LIMIT_S: long jobs may be delivered twice")
         threading.Thread(target=self._heartbeat, name="genqueue-heartbeat", daemon=True).start()
 
     def _heartbeat(self) -> None:
@@ -70,27 +74,37 @@ class WorkerRuntime:
                 log.warning("heartbeat failed: %s", exc)
             time.sleep(HEARTBEAT_INTERVAL_S)
 
-    def run_job(self, job_id: str) -> None:
-        record = self.store.get(job_id)
-        if record is None:
-            log.warning("job %s: expired before it ran", job_id)
-            return
-        if record.status.terminal:
-            log.info("job %s: already %s, not run", job_id, record.status.value)
-            return
-        if not self.store.mark_running(job_id):
-            return
-        log.info("job %s: running", job_id)
-        self.cancels.watch(job_id)
+    def run_job(self, job_id: str) -> str | None:
+        """Run a delivered job. Returns 'busy' when another live worker holds it (look again later),
+        else the claim's outcome ('claimed' once it has run)."""
+        with self._active_lock:
+            if job_id in self._active:  # delivered again while this process runs it
+                log.info("job %s: already running here", job_id)
+                return None
+            self._active.add(job_id)
         try:
-            self._generate(job_id, record)
+            claim = self.store.claim(job_id, self.worker_id, self.settings["MAX_ATTEMPTS"])
+            if claim != "claimed":
+                log.info("job %s: not run (%s)", job_id, claim or "expired")
+                return claim
+            record = self.store.get(job_id)
+            log.info("job %s: running (attempt %d)", job_id, record.attempts)
+            self.cancels.watch(job_id)
+            try:
+                self._generate(job_id, record)
+            finally:
+                self.cancels.forget(job_id)
+            return claim
         finally:
-            self.cancels.forget(job_id)
+            with self._active_lock:
+                self._active.discard(job_id)
 
     def _generate(self, job_id: str, record: JobRecord) -> None:
         seq = 0
         cancelled = self.store.cancel_requested(job_id)  # cancelled between queue and start
         next_poll = time.monotonic() + CANCEL_POLL_S
+        deadline = time.monotonic() + self.settings["JOB_TIME_LIMIT_S"]
+        timed_out = False
 
         def on_chunk(text: str) -> None:
             nonlocal seq
@@ -98,11 +112,13 @@ class WorkerRuntime:
             self.store.append_chunk(job_id, seq, text)
 
         def should_stop() -> bool:
-            nonlocal cancelled, next_poll
-            if not cancelled and time.monotonic() >= next_poll:
-                next_poll = time.monotonic() + CANCEL_POLL_S
+            nonlocal cancelled, next_poll, timed_out
+            now = time.monotonic()
+            if not cancelled and now >= next_poll:
+                next_poll = now + CANCEL_POLL_S
                 cancelled = self.store.cancel_requested(job_id)
-            return cancelled or self.cancels.is_cancelled(job_id)
+                timed_out = now >= deadline
+            return cancelled or timed_out or self.cancels.is_cancelled(job_id)
 
         try:
             request = GenerationRequest.from_dict(record.request)
@@ -115,6 +131,12 @@ class WorkerRuntime:
             log.exception("job %s: unreadable request", job_id)
             error = {"code": "invalid_request", "message": str(exc)}
             self.store.finish(job_id, seq + 1, JobState.FAILED, error=error)
+            return
+        if timed_out and not cancelled:
+            limit = self.settings["JOB_TIME_LIMIT_S"]
+            error = {"code": "time_limit_exceeded", "message": f"the job ran over its time limit of {limit}s"}
+            self.store.finish(job_id, seq + 1, JobState.FAILED, result=result.to_dict(), error=error)
+            log.info("job %s: failed: time limit", job_id)
             return
         status = JobState.CANCELLED if result.finish_reason is FinishReason.CANCELLED else JobState.SUCCEEDED
         self.store.finish(job_id, seq + 1, status, result=result.to_dict())
@@ -147,6 +169,9 @@ def _load_in_child(**_kwargs) -> None:
     runtime()  # prefork: each child builds its own model after the fork
 
 
-@celery_app.task(name=GENERATE_TASK)
-def generate(job_id: str) -> None:
-    runtime().run_job(job_id)
+@celery_app.task(name=GENERATE_TASK, bind=True, max_retries=None)
+def generate(self, job_id: str) -> None:
+    if runtime().run_job(job_id) == "busy":
+        # Another worker holds the job and its heartbeat is fresh. Look again once that heartbeat
+        # would have expired: by then the job has ended, or its worker is gone and we take it over.
+        raise self.retry(countdown=HEARTBEAT_TTL_S)
