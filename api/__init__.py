@@ -19,6 +19,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     app.config.from_prefixed_env(config.ENV_PREFIX.rstrip("_"))
     if test_config:
         app.config.from_mapping(test_config)
+    app.config["MAX_CONTENT_LENGTH"] = app.config["MAX_REQUEST_BYTES"]
     app.json.sort_keys = False
     app.logger.setLevel(logging.INFO)
 

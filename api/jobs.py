@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import secrets
 import time
 from datetime import UTC, datetime
@@ -65,19 +67,64 @@ def validate(schema_cls, body: dict) -> dict:
         raise ApiError(400, "invalid_request", f"invalid fields: {names}", fields) from exc
 
 
+IDEMPOTENCY_WAIT_S = 2.0  # how long a retry waits for the first request's job to be written
+RETRY_AFTER_FULL_S = 5
+
+
 def submit(params: dict) -> JobRecord:
-    """Create the job record and enqueue it; never leaves a record without a queued task."""
+    """Create the job record and enqueue it; never leaves a record without a queued task.
+
+    Honours the request's Idempotency-Key header (a retried submission gets the same job) and the
+    queue's backpressure limit (429)."""
     params = dict(params)
     params.pop("stream", None)
     queue = current_app.config["DEFAULT_QUEUE"]
+    owner = current_owner() or ""
     job_id = secrets.token_urlsafe(18)  # 144 random bits: unguessable
-    record = store().create(job_id, params, queue, owner=current_owner())
+    idempotency_key = request.headers.get("Idempotency-Key")
+    if idempotency_key:
+        key_digest = hashlib.sha256(idempotency_key.encode()).hexdigest()
+        body_digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()
+        bound = store().claim_idempotency_key(owner, key_digest, body_digest, job_id)
+        if bound is not None:
+            return replayed_job(bound, body_digest)
     try:
-        enqueue(current_app.extensions["genqueue.celery"], job_id, queue)
+        depth = store().queue_depth(queue)
+        if depth >= current_app.config["MAX_QUEUED_JOBS"]:
+            raise ApiError(
+                429,
+                "queue_full",
+                f"the {queue!r} queue holds {depth} waiting jobs, its limit; retry later",
+                headers={"Retry-After": str(RETRY_AFTER_FULL_S)},
+            )
+        record = store().create(job_id, params, queue, owner=owner)
+        try:
+            enqueue(current_app.extensions["genqueue.celery"], job_id, queue)
+        except Exception:
+            store().delete(job_id)
+            raise
     except Exception:
-        store().delete(job_id)
+        if idempotency_key:  # nothing was queued: the same key may be tried again
+            store().release_idempotency_key(owner, key_digest)
         raise
     current_app.logger.info("job %s: queued on %s", job_id, queue)
+    return record
+
+
+def replayed_job(bound: dict, body_digest: str) -> JobRecord:
+    if bound["body"] != body_digest:
+        raise ApiError(
+            422,
+            "idempotency_key_reused",
+            "this Idempotency-Key was used with a different request body",
+            {"Idempotency-Key": ["Already used with a different body."]},
+        )
+    deadline = time.monotonic() + IDEMPOTENCY_WAIT_S
+    while (record := store().get(bound["job_id"])) is None and time.monotonic() < deadline:
+        time.sleep(0.02)  # the first request is still writing its job
+    if record is None:
+        raise ApiError(409, "idempotency_key_in_use", "a request with this Idempotency-Key is still being submitted")
+    current_app.logger.info("job %s: returned again for its Idempotency-Key", record.id)
     return record
 
 

@@ -40,6 +40,10 @@ DEFAULTS: dict[str, Any] = {
     "MAX_BATCH_SIZE": 8,
     # Worker: how long the batcher waits for more jobs to join a batch (seconds).
     "GATHER_WINDOW_S": 0.005,
+    # Backpressure: past this many jobs waiting in a queue, submissions get 429.
+    "MAX_QUEUED_JOBS": 10000,
+    # Largest request body the API reads (bytes); larger ones get 413.
+    "MAX_REQUEST_BYTES": 4 * 1024 * 1024,
     # Worker: a job still generating after this long stops and fails (seconds).
     "JOB_TIME_LIMIT_S": 600,
     # A job whose worker died is run again up to this many starts in all, then fails.

@@ -24,6 +24,16 @@ def job_channel(job_id: str) -> str:
     return f"{PREFIX}:job:{job_id}:events"
 
 
+def broker_queue(queue: str) -> str:
+    """The list in which Celery's Redis transport (kombu) keeps a queue's waiting messages."""
+    return queue
+
+
+def idempotency(owner: str, key_digest: str) -> str:
+    """Maps an owner's Idempotency-Key (hashed) to the job it created and that request's digest."""
+    return f"{PREFIX}:idempotency:{owner}:{key_digest}"
+
+
 def worker(worker_id: str) -> str:
     """A worker's heartbeat hash (queues, model, device); it expires when the worker stops beating."""
     return f"{PREFIX}:worker:{worker_id}"

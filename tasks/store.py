@@ -251,6 +251,23 @@ class JobStore:
             args += [name, value]
         return int(self._apply(keys=[keys.job(job_id), keys.job_log(job_id), keys.job_channel(job_id)], args=args))
 
+    def claim_idempotency_key(self, owner: str, key_digest: str, body_digest: str, job_id: str) -> dict | None:
+        """Bind an Idempotency-Key to job_id, unless it is bound already: then return that binding
+        ({"job_id", "body"}). Kept as long as the job."""
+        binding = json.dumps({"job_id": job_id, "body": body_digest})
+        name = keys.idempotency(owner, key_digest)
+        if self.redis.set(name, binding, nx=True, ex=self.ttl_s):
+            return None
+        existing = self.redis.get(name)
+        return json.loads(existing) if existing else None
+
+    def release_idempotency_key(self, owner: str, key_digest: str) -> None:
+        self.redis.delete(keys.idempotency(owner, key_digest))
+
+    def queue_depth(self, queue: str) -> int:
+        """Jobs waiting in a queue (not yet taken by a worker)."""
+        return int(self.redis.llen(keys.broker_queue(queue)))
+
     # -- readers -------------------------------------------------------------------------------
 
     def get(self, job_id: str) -> JobRecord | None:

@@ -56,8 +56,8 @@ def tiny_dir(smollm2_dir, tmp_path_factory) -> Path:
 
 
 class WorkerProcess:
-    def __init__(self, model_dir: Path, db: int, queue: str = "cpu", **settings):
-        self.url = redis_url(db)
+    def __init__(self, model_dir: Path, db: int, queue: str = "cpu", redis_base: str | None = None, **settings):
+        self.url = f"{redis_base or REDIS_BASE_URL}/{db}"
         self.queue = queue
         env = {
             **os.environ,
