@@ -141,6 +141,21 @@ def test_refused_parameters_show_the_api_error_next_to_their_field(playground, o
     expect(page.locator("#param-temperature")).not_to_have_attribute("aria-invalid", "true")
 
 
+def test_a_job_that_fails_shows_its_error_in_the_transcript(playground, open_page):
+    page = open_page(playground)
+    page.fill("#param-max_tokens", "9000")  # valid for the schema, more than SmolLM2's 8192-token context
+    page.fill("#prompt", "Hi")
+    page.press("#prompt", "Enter")
+    wait_ended(page, "failed")
+    job = playground.job(answer(page).get_attribute("data-job-id"))
+    assert job["status"] == "failed"
+    expect(answer(page)).to_have_class(re.compile(r"\bfailed\b"))
+    expect(answer(page).locator('[data-stat="error"]')).to_have_text(
+        f"failed: {job['error']['code']}: {job['error']['message']}"
+    )
+    expect(page.locator("#send")).to_be_enabled()
+
+
 def test_a_conversation_sends_its_history_system_prompt_and_parameters(playground, open_page):
     page = open_page(playground)
     bodies = []
