@@ -241,7 +241,8 @@ def run(host, port, model) -> None:
         if not announced and ready(url):
             announced = True
             click.echo(
-                f"\ngenqueue is ready at {url}  (Ctrl-C stops it)\n\n"
+                f"\ngenqueue is ready at {url}  (Ctrl-C stops it)\n"
+                f"  playground: {url}/\n\n"
                 f"  curl -sN {url}/v1/jobs -H 'Content-Type: application/json' \\\n"
                 f'       -d \'{{"prompt": "What is the capital of France?", "stream": true}}\'\n'
             )
