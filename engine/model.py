@@ -131,6 +131,10 @@ class Model:
         if len({o.batch_key() for o in options}) != 1:
             raise InvalidRequestError("prompts batched together must share their sampling settings")
         states = [_ItemState(p, IncrementalDetokenizer(self.tokenizer.decode)) for p in prompts]
+        # The callbacks must not reference self: CTranslate2 drops the callback in its own thread after
+        # the call, and if that dropped the last reference to this Model, its Generator would be
+        # destroyed from the thread it has to join ("Resource deadlock avoided": abort).
+        end_tokens = self._end_tokens
 
         def emit(state: _ItemState, index: int, text: str) -> None:
             if text:
@@ -143,7 +147,7 @@ class Model:
             if state.finish_reason is not None:
                 return True
             try:
-                if step.token in self._end_tokens:
+                if step.token in end_tokens:
                     state.finish_reason = FinishReason.STOP
                     return True
                 state.completion_tokens += 1
