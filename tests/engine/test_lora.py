@@ -87,3 +87,41 @@ def test_a_variant_needs_a_prepared_base(lora_models, tmp_path):
         prepare_lora(tmp_path, lora_models.adapter_dir, "x", progress=lambda _: None)
     with pytest.raises(ModelPreparationError, match="itself a LoRA variant"):
         prepare_lora(lora_models.variant_dir, lora_models.adapter_dir, "x", progress=lambda _: None)
+
+
+def cli(*args: str):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    return subprocess.run(
+        [sys.executable, "-m", "genqueue.cli", "model", "prepare", *args], cwd=REPO, capture_output=True, text=True
+    )
+
+
+def test_the_cli_merges_an_adapter_as_a_variant_of_the_base(lora_models, tmp_path):
+    import shutil
+
+    base = shutil.copytree(lora_models.base_dir, tmp_path / "base")  # a copy: the lora worker's base stays as is
+    done = cli("--lora", str(lora_models.adapter_dir), "--name", "cli", "--base", str(base))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(tmp_path / "base.lora-cli")
+    metadata = json.loads((base / "genqueue.json").read_text())
+    assert metadata["lora"] == {LORA_NAME: f"base.lora-{LORA_NAME}", "cli": "base.lora-cli"}
+
+
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["--name", "x", "some-source"], "not SOURCE"),
+        (["--quantization", "int8"], "takes its base model's quantization"),
+        ([], "--lora needs --name"),
+    ],
+)
+def test_the_cli_refuses_lora_options_that_cannot_apply(lora_models, args, says):
+    base = ["--lora", str(lora_models.adapter_dir), "--base", str(lora_models.base_dir)]
+    if "--name" not in args and args:
+        args = [*args, "--name", "x"]
+    done = cli(*base, *args)
+    assert done.returncode == 2 and says in done.stderr, done.stderr
