@@ -177,7 +177,7 @@ class GenerationSchema(Schema):
     repetition_penalty = StrictFloat(
         load_default=DEFAULT_REPETITION_PENALTY,
         validate=[validate.Range(min=0, max=2), above_zero("repetition_penalty")],
-        **doc("CTranslate2's repetition penalty: above 1 penalizes tokens already in the sequence; must be above 0."),
+        **doc("CTranslate2's repetition penalty: above 1 penalizes tokens already generated; must be above 0."),
     )
     frequency_penalty = StrictFloat(
         validate=[validate.Range(min=0, max=2), only_zero("frequency_penalty")], **doc(REFUSALS["frequency_penalty"])

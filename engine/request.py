@@ -37,7 +37,7 @@ class SamplingOptions:
     temperature: float = DEFAULT_TEMPERATURE
     top_p: float = 1.0
     top_k: int | None = None  # None: no top-k limit
-    repetition_penalty: float = DEFAULT_REPETITION_PENALTY  # CTranslate2's: > 1 penalizes tokens already seen
+    repetition_penalty: float = DEFAULT_REPETITION_PENALTY  # CTranslate2's: > 1 penalizes tokens already generated
     lora: str | None = None  # a merged LoRA variant of the worker's model (see engine/lora.py); None: the base
 
     @property

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from engine import GenerationRequest, Model, SamplingOptions
+from tests.conftest import TINY_DB, make_client
 from tests.helpers import parse_sse, wait_job
 
 WEATHER = {
@@ -173,3 +174,17 @@ def test_invalid_new_fields_are_400_naming_the_field(client, body, field, says):
 def test_non_finite_penalties_are_400(client, field):
     response = client.post("/v1/jobs", data=f'{{"prompt": "a", "{field}": NaN}}', content_type="application/json")
     assert response.status_code == 400 and field in response.json["error"]["fields"]
+
+
+def test_a_worker_fails_a_job_for_a_lora_it_does_not_have(tiny_worker):
+    # With no worker up the API cannot check the name; the worker that takes the job does.
+    from genqueue import config
+    from tasks.app import create_celery, enqueue
+    from tasks.store import JobStore
+
+    store = JobStore.from_url(tiny_worker.url)
+    store.create("unknown-lora-job", {"prompt": "hi", "lora": "nope", "max_tokens": 4}, "cpu")
+    enqueue(create_celery(config.load(REDIS_URL=tiny_worker.url, DEFAULT_QUEUE="cpu")), "unknown-lora-job", "cpu")
+    job = wait_job(make_client(TINY_DB), "unknown-lora-job")
+    assert job["status"] == "failed"
+    assert job["error"] == {"code": "unknown_lora", "message": "unknown lora 'nope'; this worker serves: none"}
