@@ -68,7 +68,11 @@ def validate(schema_cls, body: dict) -> dict:
 def served_loras(queue: str) -> set[str] | None:
     """The LoRA variants the live workers of a queue serve; None when no worker of it is heard from."""
     client = store().redis
-    workers = [client.hgetall(key) for key in client.scan_iter(keys.WORKER_PATTERN)]
+    live = client.zrangebyscore(keys.WORKERS, time.time(), "+inf")
+    with client.pipeline() as pipe:
+        for worker_id in live:
+            pipe.hgetall(keys.worker(worker_id))
+        workers = pipe.execute()
     serving = [w for w in workers if queue in w.get("queues", "").split(",")]
     if not serving:
         return None

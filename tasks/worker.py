@@ -67,9 +67,12 @@ class WorkerRuntime:
         }
         while True:
             try:
+                now = time.time()
                 with self.store.redis.pipeline() as pipe:
                     pipe.hset(keys.worker(self.worker_id), mapping=fields)
                     pipe.expire(keys.worker(self.worker_id), HEARTBEAT_TTL_S)
+                    pipe.zadd(keys.WORKERS, {self.worker_id: now + HEARTBEAT_TTL_S})
+                    pipe.zremrangebyscore(keys.WORKERS, "-inf", now)  # workers that stopped beating
                     pipe.execute()
             except redis.RedisError as exc:
                 log.warning("heartbeat failed: %s", exc)
