@@ -26,11 +26,13 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     app.extensions["genqueue.store"] = JobStore.from_url(app.config["REDIS_URL"], app.config["JOB_TTL_S"])
     app.extensions["genqueue.celery"] = create_celery(app.config)
 
-    from api import auth, errors, health, jobs, playground
+    from api import auth, errors, health, jobs, openapi, playground, workers_ai
 
     errors.register_error_handlers(app)
     auth.init_app(app)
     app.register_blueprint(jobs.bp)
     app.register_blueprint(health.bp)
     app.register_blueprint(playground.bp)
+    app.register_blueprint(workers_ai.bp)
+    app.register_blueprint(openapi.bp)
     return app

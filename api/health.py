@@ -6,6 +6,7 @@ import redis
 from flask import Blueprint, current_app, jsonify
 
 from api.auth import public
+from api.openapi import document
 from tasks import keys
 
 bp = Blueprint("health", __name__)
@@ -13,12 +14,18 @@ bp = Blueprint("health", __name__)
 
 @bp.get("/healthz")
 @public
+@document("The API process is alive", tags=["Health"], responses={200: ("Always {status: ok}",)})
 def healthz():
     return jsonify({"status": "ok"})
 
 
 @bp.get("/readyz")
 @public
+@document(
+    "Ready: Redis answers and a worker with a loaded model consumes the default queue",
+    tags=["Health"],
+    responses={200: ("Ready, with the live workers",), 503: ("Not ready, and why",)},
+)
 def readyz():
     """Ready when Redis answers and some worker with a loaded model consumes each queue."""
     client = current_app.extensions["genqueue.store"].redis

@@ -40,3 +40,5 @@ def worker(worker_id: str) -> str:
 
 
 WORKER_PATTERN = f"{PREFIX}:worker:*"
+# A sorted set of worker ids scored by the time their heartbeat expires: live workers without a SCAN.
+WORKERS = f"{PREFIX}:workers"
