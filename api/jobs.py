@@ -196,7 +196,10 @@ def wait_for_end(job_id: str, wait_s: float) -> JobRecord:
         202: ("The queued job", JobSchema),
         200: ("With stream: true, the job's Server-Sent Events", None, "text/event-stream"),
         400: ("Malformed JSON or invalid fields, each named with its limit", ErrorSchema),
+        413: ("The body is over GENQUEUE_MAX_REQUEST_BYTES", ErrorSchema),
         415: ("The body is not JSON", ErrorSchema),
+        422: ("The Idempotency-Key was used with another body", ErrorSchema),
+        429: ("The queue is full (Retry-After)", ErrorSchema),
         503: ("Redis is unreachable (Retry-After)", ErrorSchema),
     },
 )
@@ -284,6 +287,20 @@ def stream_job(job_id: str):
 
 
 @bp.delete("/<job_id>")
+@document(
+    "Cancel a job",
+    description=(
+        "A queued job never runs (200, cancelled); a running one stops within a few tokens and keeps its partial "
+        "output (202, then cancelled); an ended job cannot be cancelled (409)."
+    ),
+    tags=["Jobs"],
+    responses={
+        200: ("The job, cancelled", JobSchema),
+        202: ("The job, still running: it stops within a few tokens", JobSchema),
+        404: ("Unknown or expired job", ErrorSchema),
+        409: ("The job already ended", ErrorSchema),
+    },
+)
 def cancel_job(job_id: str):
     """Cancel: a queued job never runs (200, cancelled); a running one stops within a few tokens and
     keeps its partial output (202, then cancelled); an ended job cannot be cancelled (409)."""

@@ -14,7 +14,8 @@ from flask import Blueprint, render_template, send_from_directory
 from marshmallow import fields, missing, validate
 
 from api.auth import public
-from api.schemas import GenerationSchema
+from api.openapi import document
+from api.schemas import ErrorSchema, GenerationSchema
 from engine.request import SamplingOptions
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -84,12 +85,18 @@ def number_fields() -> list[NumberField]:
 
 @bp.get("/")
 @public
+@document("The playground page", tags=["Playground"], responses={200: ("The page", None, "text/html")})
 def index():
     return render_template("playground/index.html", number_fields=number_fields())
 
 
 @bp.get("/playground/static/<path:filename>")
 @public
+@document(
+    "The playground's CSS and JavaScript",
+    tags=["Playground"],
+    responses={200: ("The file", None, "text/css", "text/javascript"), 404: ("No such file", ErrorSchema)},
+)
 def asset(filename: str):
     """The page's CSS and JavaScript; public like the page, so it loads before a key is typed."""
     return send_from_directory(STATIC_DIR, filename)

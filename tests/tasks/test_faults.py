@@ -11,8 +11,8 @@ from tests.helpers import parse_sse, sse_text, wait_job
 
 FAULT_DB = 11
 # Short redelivery settings so a dead worker's job comes back within seconds.
-FAST_REDELIVERY = {"visibility_timeout_s": 6, "redelivery_check_s": 1, "job_time_limit_s": 5}
-JOB = {"prompt": "Write a story about a lighthouse keeper.", "temperature": 0, "max_tokens": 40}
+FAST_REDELIVERY = {"visibility_timeout_s": 12, "redelivery_check_s": 1, "job_time_limit_s": 10}
+JOB = {"prompt": "Write a story about a lighthouse keeper.", "temperature": 0, "max_tokens": 32}
 
 
 @pytest.fixture
