@@ -12,6 +12,7 @@ import numbers
 from marshmallow import Schema, ValidationError, fields, validate, validates_schema
 
 from engine.request import DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE
+from engine.stop import MAX_STOP_CHARS, MAX_STOP_SEQUENCES
 
 MAX_TEXT_CHARS = 131072  # prompt and message content, as in the source API
 MAX_TOKENS_LIMIT = 131072  # schema bound; the worker also checks prompt + max_tokens against the model
@@ -41,6 +42,20 @@ class StrictFloat(fields.Float):
         return float(value)
 
 
+class StopSequences(fields.Field):
+    """`stop`: one string or a list of up to MAX_STOP_SEQUENCES, each 1 to MAX_STOP_CHARS characters."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        stops = [value] if isinstance(value, str) else value
+        if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+            raise ValidationError("Must be a string or a list of strings.")
+        if len(stops) > MAX_STOP_SEQUENCES:
+            raise ValidationError(f"At most {MAX_STOP_SEQUENCES} stop sequences.")
+        if not all(1 <= len(s) <= MAX_STOP_CHARS for s in stops):
+            raise ValidationError(f"Each stop sequence must be 1 to {MAX_STOP_CHARS} characters.")
+        return stops
+
+
 class MessageSchema(Schema):
     role = fields.String(required=True, validate=validate.OneOf(ROLES))
     content = fields.String(required=True, validate=validate.Length(max=MAX_TEXT_CHARS))
@@ -57,6 +72,7 @@ class GenerationSchema(Schema):
     temperature = StrictFloat(load_default=DEFAULT_TEMPERATURE, validate=validate.Range(min=0, max=5))
     top_p = StrictFloat(validate=validate.Range(min=0, max=2))
     top_k = StrictInteger(validate=validate.Range(min=1, max=50))
+    stop = StopSequences()
 
     @validates_schema
     def _one_input(self, data, **_kwargs):

@@ -10,6 +10,8 @@ import enum
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from engine.stop import check_stop_sequences
+
 DEFAULT_MAX_TOKENS = 256
 DEFAULT_TEMPERATURE = 0.6
 
@@ -34,6 +36,13 @@ class SamplingOptions:
     temperature: float = DEFAULT_TEMPERATURE
     top_p: float = 1.0
     top_k: int | None = None  # None: no top-k limit
+    # Generation ends at the first of these strings, which the response leaves out. Applied per
+    # prompt by the engine, so it does not split batches (batch_key leaves it out).
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        stop = (self.stop,) if isinstance(self.stop, str) else self.stop
+        object.__setattr__(self, "stop", check_stop_sequences(stop))
 
     @property
     def greedy(self) -> bool:
