@@ -10,6 +10,12 @@ from tasks import keys
 bp = Blueprint("health", __name__)
 
 
+def live_workers() -> list[dict]:
+    """The heartbeat of every live worker: queues, model, device (a worker beats once its model is loaded)."""
+    client = current_app.extensions["genqueue.store"].redis
+    return [client.hgetall(key) for key in client.scan_iter(keys.WORKER_PATTERN)]
+
+
 @bp.get("/healthz")
 def healthz():
     return jsonify({"status": "ok"})
