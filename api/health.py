@@ -5,14 +5,16 @@ from __future__ import annotations
 import redis
 from flask import Blueprint, current_app, jsonify
 
+from genqueue import config
 from tasks import keys
+from tasks.app import queue_depth
 
 bp = Blueprint("health", __name__)
 
 
-def live_workers() -> list[dict]:
-    """The heartbeat of every live worker: queues, model, device (a worker beats once its model is loaded)."""
-    client = current_app.extensions["genqueue.store"].redis
+def live_workers(client: redis.Redis) -> list[dict]:
+    """The heartbeat of every live worker: queues, model, device, running jobs (a worker beats once its
+    model is loaded, and its heartbeat expires when it stops)."""
     return [client.hgetall(key) for key in client.scan_iter(keys.WORKER_PATTERN)]
 
 
@@ -23,16 +25,33 @@ def healthz():
 
 @bp.get("/readyz")
 def readyz():
-    """Ready when Redis answers and some worker with a loaded model consumes each queue."""
+    """Ready when Redis answers and each queue jobs go to has a worker with a loaded model.
+
+    Jobs go to the default queue; any other queue counts as soon as jobs wait in it.
+    """
     client = current_app.extensions["genqueue.store"].redis
     try:
         client.ping()
-        workers = [client.hgetall(key) for key in client.scan_iter(keys.WORKER_PATTERN)]
+        workers = live_workers(client)
+        waiting = {queue: queue_depth(client, queue) for queue in config.QUEUES}
     except redis.RedisError as exc:
-        return jsonify({"status": "unavailable", "redis": f"unreachable: {exc}", "workers": []}), 503
-    queue = current_app.config["DEFAULT_QUEUE"]
-    serving = [w for w in workers if queue in w.get("queues", "").split(",")]
-    body = {"status": "ready" if serving else "unavailable", "redis": "ok", "workers": workers}
-    if not serving:
-        body["reason"] = f"no worker with a loaded model consumes the {queue!r} queue"
-    return jsonify(body), 200 if serving else 503
+        reason = f"Redis is unreachable: {exc}"
+        body = {"status": "unavailable", "redis": f"unreachable: {exc}", "workers": [], "missing": [reason]}
+        return jsonify({**body, "reason": reason}), 503
+    default = current_app.config["DEFAULT_QUEUE"]
+    routed = [default] + [q for q in config.QUEUES if q != default and waiting[q]]
+    queues, missing = {}, []
+    for queue in routed:
+        serving = [w for w in workers if queue in w.get("queues", "").split(",") and w.get("model")]
+        queues[queue] = {
+            "workers": len(serving),
+            "models": sorted({w["model"] for w in serving}),
+            "waiting": waiting[queue],
+        }
+        if not serving:
+            jobs = f" ({waiting[queue]} jobs waiting)" if waiting[queue] else ""
+            missing.append(f"no worker with a loaded model consumes the {queue!r} queue{jobs}")
+    body = {"status": "unavailable" if missing else "ready", "redis": "ok", "queues": queues, "workers": workers}
+    if missing:
+        body.update(missing=missing, reason="; ".join(missing))
+    return jsonify(body), 503 if missing else 200

@@ -13,6 +13,7 @@ from api.errors import ApiError
 from api.schemas import GenerationSchema
 from api.sse import job_event_stream
 from tasks.app import enqueue
+from tasks.metrics import MetricsRecorder
 from tasks.store import JobRecord, JobStore
 
 bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
@@ -75,6 +76,7 @@ def submit(params: dict) -> JobRecord:
     except Exception:
         store().delete(job_id)
         raise
+    MetricsRecorder(store().redis).job_submitted()
     current_app.logger.info("job %s: queued on %s", job_id, queue)
     return record
 

@@ -134,7 +134,9 @@ def available_models() -> list[dict]:
     Extend here to list more (e.g. LoRA variants).
     """
     queue = current_app.config["DEFAULT_QUEUE"]
-    names = sorted({w["model"] for w in live_workers() if w.get("model") and queue in w.get("queues", "").split(",")})
+    names = sorted(
+        {w["model"] for w in live_workers(store().redis) if w.get("model") and queue in w.get("queues", "").split(",")}
+    )
     if not names:
         names = [Path(config.model_path(current_app.config)).name]
     return [_model_entry(name) for name in names]

@@ -13,6 +13,7 @@ from celery import Celery
 from kombu import Queue
 
 from genqueue import config
+from tasks import keys
 
 GENERATE_TASK = "genqueue.generate"
 
@@ -44,3 +45,11 @@ celery_app = create_celery()
 
 def enqueue(app: Celery, job_id: str, queue: str) -> None:
     app.send_task(GENERATE_TASK, args=[job_id], queue=queue)
+
+
+def queue_depth(client, queue: str) -> int:
+    """Jobs waiting in a queue: the lengths of its broker lists (a job a worker took is not counted)."""
+    with client.pipeline(transaction=False) as pipe:
+        for key in keys.broker_queue_lists(queue):
+            pipe.llen(key)
+        return sum(pipe.execute())

@@ -29,8 +29,15 @@ class BatchItem:
 
 
 class Batcher:
-    def __init__(self, model: Model, max_batch_size: int = 8, gather_window_s: float = 0.005):
+    def __init__(
+        self,
+        model: Model,
+        max_batch_size: int = 8,
+        gather_window_s: float = 0.005,
+        on_batch: Callable[[int], None] = lambda _size: None,  # told each engine call's size (metrics)
+    ):
         self.model = model
+        self.on_batch = on_batch
         self.max_batch_size = max(1, int(max_batch_size))
         self.gather_window_s = float(gather_window_s)
         self._pending: queue.Queue[BatchItem] = queue.Queue()
@@ -72,6 +79,7 @@ class Batcher:
                 self._run_group(group)
 
     def _run_group(self, group: list[BatchItem]) -> None:
+        self.on_batch(len(group))
         try:
             outcomes = self.model.generate_batch(
                 [item.prompt for item in group],

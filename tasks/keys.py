@@ -27,3 +27,20 @@ def worker(worker_id: str) -> str:
 
 
 WORKER_PATTERN = f"{PREFIX}:worker:*"
+
+
+# Metrics (tasks/metrics.py): one hash of counters, one hash per histogram. Cumulative, never expire.
+METRICS_COUNTERS = f"{PREFIX}:metrics:counters"
+
+
+def metrics_histogram(name: str) -> str:
+    return f"{PREFIX}:metrics:histogram:{name}"
+
+
+# Celery's broker (kombu's Redis transport) keeps a queue's waiting messages in a list named after
+# the queue, plus one list per priority step (3, 6, 9) named queue + "\x06\x16" + step.
+BROKER_PRIORITY_STEPS = (0, 3, 6, 9)
+
+
+def broker_queue_lists(queue: str) -> list[str]:
+    return [queue if step == 0 else f"{queue}\x06\x16{step}" for step in BROKER_PRIORITY_STEPS]

@@ -23,6 +23,7 @@ from genqueue import config
 from tasks import keys
 from tasks.app import GENERATE_TASK, celery_app
 from tasks.batcher import Batcher
+from tasks.metrics import MetricsRecorder
 from tasks.states import JobState
 from tasks.store import JobStore
 
@@ -45,7 +46,12 @@ class WorkerRuntime:
             intra_threads=settings["INTRA_THREADS"],
             inter_threads=settings["INTER_THREADS"],
         )
-        self.batcher = Batcher(self.model, settings["MAX_BATCH_SIZE"], settings["GATHER_WINDOW_S"])
+        self.metrics = MetricsRecorder(self.store.redis)
+        self.batcher = Batcher(
+            self.model, settings["MAX_BATCH_SIZE"], settings["GATHER_WINDOW_S"], self.metrics.engine_batch
+        )
+        self.running = 0  # jobs this process runs now, announced in the heartbeat
+        self._running_lock = threading.Lock()
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
         threading.Thread(target=self._heartbeat, name="genqueue-heartbeat", daemon=True).start()
 
@@ -61,12 +67,22 @@ class WorkerRuntime:
         while True:
             try:
                 with self.store.redis.pipeline() as pipe:
-                    pipe.hset(keys.worker(self.worker_id), mapping=fields)
+                    pipe.hset(keys.worker(self.worker_id), mapping={**fields, "running": self.running})
                     pipe.expire(keys.worker(self.worker_id), HEARTBEAT_TTL_S)
                     pipe.execute()
             except redis.RedisError as exc:
                 log.warning("heartbeat failed: %s", exc)
             time.sleep(HEARTBEAT_INTERVAL_S)
+
+    def run_counted(self, job_id: str) -> None:
+        """run_job, counted in `running` while it runs."""
+        with self._running_lock:
+            self.running += 1
+        try:
+            self.run_job(job_id)
+        finally:
+            with self._running_lock:
+                self.running -= 1
 
     def run_job(self, job_id: str) -> None:
         record = self.store.get(job_id)
@@ -79,11 +95,14 @@ class WorkerRuntime:
         if not self.store.mark_running(job_id):
             return
         log.info("job %s: running", job_id)
+        self.metrics.job_started(record.created_at)
         seq = 0
 
         def on_chunk(text: str) -> None:
             nonlocal seq
             seq += 1
+            if seq == 1:
+                self.metrics.first_text(record.created_at)
             self.store.append_chunk(job_id, seq, text)
 
         try:
@@ -91,14 +110,18 @@ class WorkerRuntime:
             result = self.batcher.run(self.model.encode(request), on_chunk)
         except EngineError as exc:
             log.info("job %s: failed: %s", job_id, exc.code)
-            self.store.finish(job_id, seq + 1, JobState.FAILED, error={"code": exc.code, "message": str(exc)})
+            if self.store.finish(job_id, seq + 1, JobState.FAILED, error={"code": exc.code, "message": str(exc)}):
+                self.metrics.job_ended(JobState.FAILED.value, record.created_at)
             return
         except (ValueError, KeyError, TypeError) as exc:  # a stored request this version cannot read
             log.exception("job %s: unreadable request", job_id)
-            self.store.finish(job_id, seq + 1, JobState.FAILED, error={"code": "invalid_request", "message": str(exc)})
+            error = {"code": "invalid_request", "message": str(exc)}
+            if self.store.finish(job_id, seq + 1, JobState.FAILED, error=error):
+                self.metrics.job_ended(JobState.FAILED.value, record.created_at)
             return
         status = JobState.CANCELLED if result.finish_reason is FinishReason.CANCELLED else JobState.SUCCEEDED
-        self.store.finish(job_id, seq + 1, status, result=result.to_dict())
+        if self.store.finish(job_id, seq + 1, status, result=result.to_dict()):
+            self.metrics.job_ended(status.value, record.created_at, result.usage.to_dict())
         log.info("job %s: %s (%d tokens)", job_id, status.value, result.usage.completion_tokens)
 
 
@@ -130,4 +153,4 @@ def _load_in_child(**_kwargs) -> None:
 
 @celery_app.task(name=GENERATE_TASK)
 def generate(job_id: str) -> None:
-    runtime().run_job(job_id)
+    runtime().run_counted(job_id)
