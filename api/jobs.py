@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from flask import Blueprint, Response, current_app, jsonify, request, url_for
 from marshmallow import ValidationError
 
+from api import request_id
 from api.errors import ApiError
 from api.schemas import GenerationSchema
 from api.sse import job_event_stream
@@ -77,7 +78,7 @@ def submit(params: dict) -> JobRecord:
         store().delete(job_id)
         raise
     MetricsRecorder(store().redis).job_submitted()
-    current_app.logger.info("job %s: queued on %s", job_id, queue)
+    current_app.logger.info("job %s: queued on %s (request %s)", job_id, queue, request_id.current())
     return record
 
 
