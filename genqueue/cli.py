@@ -262,5 +262,92 @@ def ensure_redis(redis_url: str) -> None:
     raise click.ClickException(f"started redis-server, but {redis_url} still does not answer")
 
 
+# -- client commands -----------------------------------------------------------------------------
+
+api_url_option = click.option(
+    "--api-url", help="The genqueue API [env GENQUEUE_API_URL, default http://127.0.0.1:8000]."
+)
+
+
+def jobs_client(api_url: str | None):
+    from genqueue.client import JobsClient
+
+    return JobsClient(export(api_url=api_url)["API_URL"])
+
+
+@main.command()
+@click.argument("prompt")
+@click.option("--stream", is_flag=True, help="Print the text as it is generated (Server-Sent Events).")
+@click.option("--max-tokens", type=int, help="Tokens to generate at most [API default 256].")
+@click.option("--temperature", type=float, help="0 is greedy [API default 0.6].")
+@click.option("--top-p", type=float)
+@click.option("--top-k", type=int)
+@click.option("--stop", multiple=True, help="End at this string, left out of the text (repeatable, up to 4).")
+@click.option("--raw", is_flag=True, help="Send the prompt as is, without the chat template.")
+@click.option("--detach", is_flag=True, help="Print the job id and return at once.")
+@api_url_option
+def submit(prompt, stream, max_tokens, temperature, top_p, top_k, stop, raw, detach, api_url) -> None:
+    """Submit PROMPT ('-' reads it from standard input) and print the generated text.
+
+    The job id goes to standard error, the text to standard output."""
+    from genqueue.client import ApiClientError
+
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    body = {"prompt": prompt, "raw": raw}
+    options = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k}
+    body.update({name: value for name, value in options.items() if value is not None})
+    if stop:
+        body["stop"] = list(stop)
+    client = jobs_client(api_url)
+    try:
+        if stream and not detach:
+            stream_job(client, body)
+            return
+        job = client.submit(body)
+        click.echo(f"job {job['id']}", err=True)
+        if detach:
+            click.echo(job["id"])
+            return
+        job = client.wait(job["id"])
+    except ApiClientError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if job["status"] != "succeeded":
+        raise click.ClickException(f"job {job['id']} {job['status']}: {json.dumps(job['error'])}")
+    click.echo(job["result"]["response"])
+
+
+def stream_job(client, body: dict) -> None:
+    for event, data in client.stream(body):
+        if event == "job":
+            click.echo(f"job {data['id']}", err=True)
+        elif event == "error":
+            click.echo()
+            raise click.ClickException(f"job failed: {json.dumps(data['error'])}")
+        elif data.get("response"):
+            sys.stdout.write(data["response"])
+            sys.stdout.flush()  # each piece as it arrives, not when a buffer fills
+    click.echo()
+
+
+@main.group()
+def job() -> None:
+    """Read jobs through the HTTP API."""
+
+
+@job.command("get")
+@click.argument("job_id")
+@click.option("--wait", "wait_s", type=float, default=0, help="Wait up to this many seconds (0 to 60) for the end.")
+@api_url_option
+def job_get(job_id, wait_s, api_url) -> None:
+    """Print the job JOB_ID as JSON: status, timestamps, result or error."""
+    from genqueue.client import ApiClientError
+
+    try:
+        click.echo(json.dumps(jobs_client(api_url).get(job_id, wait_s), indent=2, ensure_ascii=False))
+    except ApiClientError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
 if __name__ == "__main__":
     main()

@@ -46,6 +46,8 @@ DEFAULTS: dict[str, Any] = {
     # API server.
     "HOST": "127.0.0.1",
     "PORT": 8000,
+    # Where the client commands (genqueue submit, genqueue job) find the API.
+    "API_URL": "http://127.0.0.1:8000",
 }
 
 QUEUES = ("cpu", "gpu")
