@@ -94,9 +94,17 @@ def model_list(models_dir) -> None:
 @main.command()
 @click.option("--host", help="Address to bind [env GENQUEUE_HOST, default 127.0.0.1].")
 @click.option("--port", type=int, help="Port [env GENQUEUE_PORT, default 8000].")
-@click.option("--threads", default=64, show_default=True, help="Concurrent requests (each SSE stream holds one).")
-def api(host, port, threads) -> None:
-    """Serve the HTTP API under gunicorn."""
+@click.option(
+    "--workers", default=1, show_default=True, help="gunicorn processes (all share Redis; any serves any job)."
+)
+@click.option(
+    "--threads", default=64, show_default=True, help="Concurrent requests per process (an SSE stream holds one)."
+)
+def api(host, port, workers, threads) -> None:
+    """Serve the HTTP API under gunicorn.
+
+    gthread workers: a stream blocks on Redis in its own thread while the process keeps answering
+    gunicorn's heartbeat, so streams of any length are never cut by gunicorn's --timeout."""
     settings = export(host=host, port=port)
     bind = f"{settings['HOST']}:{settings['PORT']}"
     os.execvp(
@@ -110,7 +118,7 @@ def api(host, port, threads) -> None:
             "--worker-class",
             "gthread",
             "--workers",
-            "1",
+            str(workers),
             "--threads",
             str(threads),
             "--graceful-timeout",
@@ -137,7 +145,8 @@ def api(host, port, threads) -> None:
 @click.option("--max-batch-size", type=int, help="Jobs one engine call may batch [env GENQUEUE_MAX_BATCH_SIZE].")
 @click.option("--intra-threads", type=int, help="CPU threads per engine call, 0 for automatic.")
 @click.option("--loglevel", default="INFO", show_default=True)
-def worker(queues, device, compute_type, model, concurrency, max_batch_size, intra_threads, loglevel) -> None:
+@click.option("--events", is_flag=True, help="Send Celery task events (for Flower's task views).")
+def worker(queues, device, compute_type, model, concurrency, max_batch_size, intra_threads, loglevel, events) -> None:
     """Run a worker: one model in this process, serving its queue's jobs in batches."""
     settings = export(
         device=device,
@@ -166,6 +175,7 @@ def worker(queues, device, compute_type, model, concurrency, max_batch_size, int
             loglevel,
             "--without-gossip",
             "--without-mingle",
+            *(["--task-events"] if events else []),
         ]
     )
 
