@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import redis
 from flask import Blueprint, current_app, jsonify
 
@@ -12,10 +14,20 @@ from tasks.app import queue_depth
 bp = Blueprint("health", __name__)
 
 
+# Workers silent this long leave the registry (their heartbeat hashes expired long before).
+FORGET_WORKERS_AFTER_S = 3600
+
+
 def live_workers(client: redis.Redis) -> list[dict]:
     """The heartbeat of every live worker: queues, model, device, running jobs (a worker beats once its
-    model is loaded, and its heartbeat expires when it stops)."""
-    return [client.hgetall(key) for key in client.scan_iter(keys.WORKER_PATTERN)]
+    model is loaded, and its heartbeat hash expires when it stops)."""
+    client.zremrangebyscore(keys.WORKERS, "-inf", time.time() - FORGET_WORKERS_AFTER_S)
+    ids = client.zrange(keys.WORKERS, 0, -1)
+    with client.pipeline(transaction=False) as pipe:
+        for worker_id in ids:
+            pipe.hgetall(keys.worker(worker_id))
+        heartbeats = pipe.execute()
+    return [beat for beat in heartbeats if beat]
 
 
 @bp.get("/healthz")

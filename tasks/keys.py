@@ -27,6 +27,9 @@ def worker(worker_id: str) -> str:
 
 
 WORKER_PATTERN = f"{PREFIX}:worker:*"
+# A sorted set of worker ids scored by their last heartbeat (unix time), so readers find the workers
+# without scanning the keyspace; the heartbeat hashes themselves say which are still alive.
+WORKERS = f"{PREFIX}:workers"
 
 
 # Metrics (tasks/metrics.py): one hash of counters, one hash per histogram. Cumulative, never expire.

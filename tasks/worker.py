@@ -69,6 +69,7 @@ class WorkerRuntime:
                 with self.store.redis.pipeline() as pipe:
                     pipe.hset(keys.worker(self.worker_id), mapping={**fields, "running": self.running})
                     pipe.expire(keys.worker(self.worker_id), HEARTBEAT_TTL_S)
+                    pipe.zadd(keys.WORKERS, {self.worker_id: time.time()})
                     pipe.execute()
             except redis.RedisError as exc:
                 log.warning("heartbeat failed: %s", exc)
