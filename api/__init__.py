@@ -19,18 +19,21 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     app.config.from_prefixed_env(config.ENV_PREFIX.rstrip("_"))
     if test_config:
         app.config.from_mapping(test_config)
+    app.config["MAX_CONTENT_LENGTH"] = app.config["MAX_REQUEST_BYTES"]
     app.json.sort_keys = False
     app.logger.setLevel(logging.INFO)
 
     app.extensions["genqueue.store"] = JobStore.from_url(app.config["REDIS_URL"], app.config["JOB_TTL_S"])
     app.extensions["genqueue.celery"] = create_celery(app.config)
 
-    from api import errors, health, jobs, metrics, openai, request_id
+    from api import auth, errors, health, jobs, metrics, openai, playground, request_id
 
     errors.register_error_handlers(app)
     request_id.init_app(app)
+    auth.init_app(app)
     app.register_blueprint(jobs.bp)
     app.register_blueprint(health.bp)
+    app.register_blueprint(playground.bp)
     app.register_blueprint(openai.bp)
     metrics.init_app(app)
     return app

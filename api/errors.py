@@ -6,6 +6,7 @@ import logging
 
 import redis
 from flask import Flask, jsonify
+from kombu.exceptions import OperationalError
 from werkzeug.exceptions import HTTPException
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,8 @@ def register_error_handlers(app: Flask) -> None:
         return error_response(exc.code or 500, _code_for(exc.code or 500), exc.description or exc.name)
 
     @app.errorhandler(redis.RedisError)
-    def _redis_down(exc: redis.RedisError):
+    @app.errorhandler(OperationalError)  # Celery could not publish to the broker
+    def _redis_down(exc: Exception):
         log.warning("Redis unavailable: %s", exc)
         return error_response(
             503,

@@ -7,9 +7,9 @@ import time
 import redis
 from flask import Blueprint, current_app, jsonify
 
+from api.auth import public
 from genqueue import config
 from tasks import keys
-from tasks.app import queue_depth
 
 bp = Blueprint("health", __name__)
 
@@ -31,27 +31,26 @@ def live_workers(client: redis.Redis) -> list[dict]:
 
 
 @bp.get("/healthz")
+@public
 def healthz():
     return jsonify({"status": "ok"})
 
 
 @bp.get("/readyz")
+@public
 def readyz():
-    """Ready when Redis answers and each queue jobs go to has a worker with a loaded model.
-
-    Jobs go to the default queue; any other queue counts as soon as jobs wait in it.
-    """
+    """Ready when Redis answers and each queue this API sends jobs to has a worker with a loaded model."""
     client = current_app.extensions["genqueue.store"].redis
     try:
         client.ping()
         workers = live_workers(client)
-        waiting = {queue: queue_depth(client, queue) for queue in config.QUEUES}
+        store = current_app.extensions["genqueue.store"]
+        waiting = {queue: store.queue_depth(queue) for queue in config.QUEUES}  # shown, not judged
     except redis.RedisError as exc:
         reason = f"Redis is unreachable: {exc}"
         body = {"status": "unavailable", "redis": f"unreachable: {exc}", "workers": [], "missing": [reason]}
         return jsonify({**body, "reason": reason}), 503
-    default = current_app.config["DEFAULT_QUEUE"]
-    routed = [default] + [q for q in config.QUEUES if q != default and waiting[q]]
+    routed = [current_app.config["DEFAULT_QUEUE"]]  # every job this API submits goes there
     queues, missing = {}, []
     for queue in routed:
         serving = [w for w in workers if queue in w.get("queues", "").split(",") and w.get("model")]

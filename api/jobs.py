@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import secrets
 import time
 from datetime import UTC, datetime
@@ -10,11 +12,13 @@ from flask import Blueprint, Response, current_app, jsonify, request, url_for
 from marshmallow import ValidationError
 
 from api import request_id
+from api.auth import current_owner
 from api.errors import ApiError
 from api.schemas import GenerationSchema
 from api.sse import job_event_stream
 from tasks.app import enqueue
 from tasks.metrics import MetricsRecorder
+from tasks.states import JobState
 from tasks.store import JobRecord, JobStore
 
 bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
@@ -65,20 +69,65 @@ def validate(schema_cls, body: dict) -> dict:
         raise ApiError(400, "invalid_request", f"invalid fields: {names}", fields) from exc
 
 
+IDEMPOTENCY_WAIT_S = 2.0  # how long a retry waits for the first request's job to be written
+RETRY_AFTER_FULL_S = 5
+
+
 def submit(params: dict) -> JobRecord:
-    """Create the job record and enqueue it; never leaves a record without a queued task."""
+    """Create the job record and enqueue it; never leaves a record without a queued task.
+
+    Honours the request's Idempotency-Key header (a retried submission gets the same job) and the
+    queue's backpressure limit (429)."""
     params = dict(params)
     params.pop("stream", None)
     queue = current_app.config["DEFAULT_QUEUE"]
+    owner = current_owner() or ""
     job_id = secrets.token_urlsafe(18)  # 144 random bits: unguessable
-    record = store().create(job_id, params, queue)
+    idempotency_key = request.headers.get("Idempotency-Key")
+    if idempotency_key:
+        key_digest = hashlib.sha256(idempotency_key.encode()).hexdigest()
+        body_digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()
+        bound = store().claim_idempotency_key(owner, key_digest, body_digest, job_id)
+        if bound is not None:
+            return replayed_job(bound, body_digest)
     try:
-        enqueue(current_app.extensions["genqueue.celery"], job_id, queue)
+        depth = store().queue_depth(queue)
+        if depth >= current_app.config["MAX_QUEUED_JOBS"]:
+            raise ApiError(
+                429,
+                "queue_full",
+                f"the {queue!r} queue holds {depth} waiting jobs, its limit; retry later",
+                headers={"Retry-After": str(RETRY_AFTER_FULL_S)},
+            )
+        record = store().create(job_id, params, queue, owner=owner)
+        try:
+            enqueue(current_app.extensions["genqueue.celery"], job_id, queue)
+        except Exception:
+            store().delete(job_id)
+            raise
     except Exception:
-        store().delete(job_id)
+        if idempotency_key:  # nothing was queued: the same key may be tried again
+            store().release_idempotency_key(owner, key_digest)
         raise
     MetricsRecorder(store().redis).job_submitted()
     current_app.logger.info("job %s: queued on %s (request %s)", job_id, queue, request_id.current())
+    return record
+
+
+def replayed_job(bound: dict, body_digest: str) -> JobRecord:
+    if bound["body"] != body_digest:
+        raise ApiError(
+            422,
+            "idempotency_key_reused",
+            "this Idempotency-Key was used with a different request body",
+            {"Idempotency-Key": ["Already used with a different body."]},
+        )
+    deadline = time.monotonic() + IDEMPOTENCY_WAIT_S
+    while (record := store().get(bound["job_id"])) is None and time.monotonic() < deadline:
+        time.sleep(0.02)  # the first request is still writing its job
+    if record is None:
+        raise ApiError(409, "idempotency_key_in_use", "a request with this Idempotency-Key is still being submitted")
+    current_app.logger.info("job %s: returned again for its Idempotency-Key", record.id)
     return record
 
 
@@ -89,8 +138,9 @@ def event_stream_response(job_id: str, after_seq: int = 0) -> Response:
 
 
 def get_record(job_id: str) -> JobRecord:
+    """The job, if it exists and belongs to the caller's key: another key's job is a 404 too."""
     record = store().get(job_id)
-    if record is None:
+    if record is None or record.owner != (current_owner() or ""):
         raise ApiError(404, "job_not_found", f"no job {job_id!r} (unknown, or expired)")
     return record
 
@@ -144,3 +194,19 @@ def stream_job(job_id: str):
             {"Last-Event-ID": ["Must be a non-negative integer."]},
         )
     return event_stream_response(job_id, int(last_event_id))
+
+
+@bp.delete("/<job_id>")
+def cancel_job(job_id: str):
+    """Cancel: a queued job never runs (200, cancelled); a running one stops within a few tokens and
+    keeps its partial output (202, then cancelled); an ended job cannot be cancelled (409)."""
+    before = get_record(job_id)  # 404 for unknown jobs and other keys' jobs
+    status = store().cancel(job_id)
+    if status is None:
+        raise ApiError(404, "job_not_found", f"no job {job_id!r} (unknown, or expired)")
+    if status is JobState.CANCELLED and before.status is JobState.QUEUED:  # ended here; a worker counts the rest
+        MetricsRecorder(store().redis).job_ended(JobState.CANCELLED.value, before.created_at)
+    if status in (JobState.SUCCEEDED, JobState.FAILED):
+        raise ApiError(409, "job_already_ended", f"job {job_id!r} already {status.value}; nothing to cancel")
+    current_app.logger.info("job %s: cancel requested (%s)", job_id, status.value)
+    return jsonify(job_view(get_record(job_id))), 200 if status is JobState.CANCELLED else 202

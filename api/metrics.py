@@ -13,8 +13,8 @@ from prometheus_client.registry import Collector
 
 from api.health import live_workers
 from genqueue import config
-from tasks.app import queue_depth
 from tasks.metrics import COUNTERS, HISTOGRAMS, MetricsRecorder
+from tasks.store import JobStore
 
 bp = Blueprint("metrics", __name__)
 
@@ -24,14 +24,15 @@ PREFIX = "genqueue_"
 class RedisCollector(Collector):
     """Reads, at each scrape, the figures every process recorded in Redis."""
 
-    def __init__(self, client):
-        self.redis = client
-        self.recorder = MetricsRecorder(client)
+    def __init__(self, store: JobStore):
+        self.store = store
+        self.redis = store.redis
+        self.recorder = MetricsRecorder(store.redis)
 
     def collect(self):
         depth = GaugeMetricFamily(PREFIX + "queue_depth", "Jobs waiting in each queue for a worker.", labels=["queue"])
         for queue in config.QUEUES:
-            depth.add_metric([queue], queue_depth(self.redis, queue))
+            depth.add_metric([queue], self.store.queue_depth(queue))
         yield depth
 
         heartbeats = live_workers(self.redis)
@@ -65,7 +66,7 @@ class RedisCollector(Collector):
 
 def init_app(app) -> None:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(RedisCollector(app.extensions["genqueue.store"].redis))
+    registry.register(RedisCollector(app.extensions["genqueue.store"]))
     app.extensions["genqueue.metrics_registry"] = registry
     app.register_blueprint(bp)
 

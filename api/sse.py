@@ -28,10 +28,10 @@ def job_event_stream(store: JobStore, job_id: str, after_seq: int, keepalive_s: 
         elif event["type"] == CHUNK:
             yield _event(event["seq"], {"response": event["text"]})
         elif event["status"] == JobState.FAILED.value:
-            yield _event(event["seq"], {"error": event["error"]}, name="error")
+            yield _event(event["seq"], {"error": event.get("error")}, name="error")
             yield DONE
         else:
-            result = event["result"] or {}
+            result = event.get("result") or {}
             yield _event(
                 event["seq"],
                 {

@@ -23,6 +23,7 @@ import click
 from genqueue import config
 
 READY_TIMEOUT_S = 300
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 def export(**settings) -> dict:
@@ -88,6 +89,28 @@ def model_list(models_dir) -> None:
         click.echo(f"{path.name}\t{meta.get('quantization')}\t{meta.get('source')}")
 
 
+# -- keys ---------------------------------------------------------------------------------------
+
+
+@main.group()
+def keys() -> None:
+    """Manage API keys."""
+
+
+@keys.command("create")
+@click.option("--name", default="default", show_default=True, help="Owner name the key's jobs are recorded under.")
+def keys_create(name) -> None:
+    """Make a new API key: prints the key (give it to the client) and the entry to configure."""
+    from api.auth import hash_key, new_key
+
+    if ":" in name or not name:
+        raise click.BadParameter("a name without ':'", param_hint="--name")
+    key = new_key()
+    click.echo(f"key:   {key}")
+    click.echo(f"entry: {name}:{hash_key(key)}")
+    click.echo("Add the entry to GENQUEUE_API_KEYS (comma-separated) or a line of GENQUEUE_API_KEYS_FILE.", err=True)
+
+
 # -- services ------------------------------------------------------------------------------------
 
 
@@ -106,7 +129,18 @@ def api(host, port, workers, threads) -> None:
     gthread workers: a stream blocks on Redis in its own thread while the process keeps answering
     gunicorn's heartbeat, so streams of any length are never cut by gunicorn's --timeout."""
     settings = export(host=host, port=port)
-    bind = f"{settings['HOST']}:{settings['PORT']}"
+    from api.auth import load_keys
+
+    host = settings["HOST"]
+    if not load_keys(settings):
+        if host not in LOOPBACK_HOSTS and not settings["OPEN_API_ANY_HOST"]:
+            host = "127.0.0.1"
+        click.echo(
+            f"no API keys configured (GENQUEUE_API_KEYS / GENQUEUE_API_KEYS_FILE): the API is open, "
+            f"so it listens on {host} only",
+            err=True,
+        )
+    bind = f"{host}:{settings['PORT']}"
     os.execvp(
         sys.executable,
         [
@@ -255,7 +289,7 @@ def ensure_redis(redis_url: str) -> None:
     except redis.RedisError:
         pass
     parsed = urlparse(redis_url)
-    if parsed.hostname not in ("127.0.0.1", "localhost", "::1"):
+    if parsed.hostname not in LOOPBACK_HOSTS:
         raise click.ClickException(f"Redis at {redis_url} does not answer")
     server = shutil.which("redis-server")
     if server is None:
@@ -274,15 +308,19 @@ def ensure_redis(redis_url: str) -> None:
 
 # -- client commands -----------------------------------------------------------------------------
 
-api_url_option = click.option(
-    "--api-url", help="The genqueue API [env GENQUEUE_API_URL, default http://127.0.0.1:8000]."
-)
+
+def client_options(command):
+    """--api-url and --api-key, for the commands that talk to the HTTP API."""
+    command = click.option("--api-key", help="API key, when the API requires one [env GENQUEUE_API_KEY].")(command)
+    url_help = "The genqueue API [env GENQUEUE_API_URL, default http://127.0.0.1:8000]."
+    return click.option("--api-url", help=url_help)(command)
 
 
-def jobs_client(api_url: str | None):
+def jobs_client(api_url: str | None, api_key: str | None):
     from genqueue.client import JobsClient
 
-    return JobsClient(export(api_url=api_url)["API_URL"])
+    settings = export(api_url=api_url, api_key=api_key)
+    return JobsClient(settings["API_URL"], settings["API_KEY"])
 
 
 @main.command()
@@ -295,8 +333,8 @@ def jobs_client(api_url: str | None):
 @click.option("--stop", multiple=True, help="End at this string, left out of the text (repeatable, up to 4).")
 @click.option("--raw", is_flag=True, help="Send the prompt as is, without the chat template.")
 @click.option("--detach", is_flag=True, help="Print the job id and return at once.")
-@api_url_option
-def submit(prompt, stream, max_tokens, temperature, top_p, top_k, stop, raw, detach, api_url) -> None:
+@client_options
+def submit(prompt, stream, max_tokens, temperature, top_p, top_k, stop, raw, detach, api_url, api_key) -> None:
     """Submit PROMPT ('-' reads it from standard input) and print the generated text.
 
     The job id goes to standard error, the text to standard output."""
@@ -309,7 +347,7 @@ def submit(prompt, stream, max_tokens, temperature, top_p, top_k, stop, raw, det
     body.update({name: value for name, value in options.items() if value is not None})
     if stop:
         body["stop"] = list(stop)
-    client = jobs_client(api_url)
+    client = jobs_client(api_url, api_key)
     try:
         if stream and not detach:
             stream_job(client, body)
@@ -348,13 +386,13 @@ def job() -> None:
 @job.command("get")
 @click.argument("job_id")
 @click.option("--wait", "wait_s", type=float, default=0, help="Wait up to this many seconds (0 to 60) for the end.")
-@api_url_option
-def job_get(job_id, wait_s, api_url) -> None:
+@client_options
+def job_get(job_id, wait_s, api_url, api_key) -> None:
     """Print the job JOB_ID as JSON: status, timestamps, result or error."""
     from genqueue.client import ApiClientError
 
     try:
-        click.echo(json.dumps(jobs_client(api_url).get(job_id, wait_s), indent=2, ensure_ascii=False))
+        click.echo(json.dumps(jobs_client(api_url, api_key).get(job_id, wait_s), indent=2, ensure_ascii=False))
     except ApiClientError as exc:
         raise click.ClickException(str(exc)) from exc
 

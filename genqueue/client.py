@@ -18,8 +18,9 @@ class ApiClientError(Exception):
 
 
 class JobsClient:
-    def __init__(self, base_url: str, timeout_s: float = 30):
+    def __init__(self, base_url: str, api_key: str | None = None, timeout_s: float = 30):
         self.base_url = base_url.rstrip("/")
+        self.api_key = api_key
         self.timeout_s = timeout_s
 
     def submit(self, body: dict) -> dict:
@@ -66,6 +67,8 @@ class JobsClient:
     def _open(self, method: str, path: str, body: dict | None = None, timeout_s: float | None = -1):
         data = json.dumps(body).encode() if body is not None else None
         headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
         request = urllib.request.Request(self.base_url + path, data=data, method=method, headers=headers)
         try:
             return urllib.request.urlopen(request, timeout=self.timeout_s if timeout_s == -1 else timeout_s)

@@ -43,11 +43,31 @@ DEFAULTS: dict[str, Any] = {
     "MAX_BATCH_SIZE": 8,
     # Worker: how long the batcher waits for more jobs to join a batch (seconds).
     "GATHER_WINDOW_S": 0.005,
+    # Backpressure: past this many jobs waiting in a queue, submissions get 429.
+    "MAX_QUEUED_JOBS": 10000,
+    # Largest request body the API reads (bytes); larger ones get 413.
+    "MAX_REQUEST_BYTES": 4 * 1024 * 1024,
+    # Worker: a job still generating after this long stops and fails (seconds).
+    "JOB_TIME_LIMIT_S": 600,
+    # A job whose worker died is run again up to this many starts in all, then fails.
+    "MAX_ATTEMPTS": 3,
+    # Redis broker: a delivered job not acknowledged this long (its worker died) is delivered again.
+    # Must exceed JOB_TIME_LIMIT_S, or a slow job would be handed out twice.
+    "VISIBILITY_TIMEOUT_S": 1800,
+    # How often each worker looks for such jobs to deliver again (seconds).
+    "REDELIVERY_CHECK_S": 10,
     # API server.
     "HOST": "127.0.0.1",
     "PORT": 8000,
+    # API keys, as SHA-256 hashes ("name:hash" entries) in a list and/or a file; none: an open API,
+    # which `genqueue api` binds to 127.0.0.1 only unless OPEN_API_ANY_HOST is true.
+    "API_KEYS": None,
+    "API_KEYS_FILE": None,
+    "OPEN_API_ANY_HOST": False,
     # Where the client commands (genqueue submit, genqueue job) find the API.
     "API_URL": "http://127.0.0.1:8000",
+    # The key they send, when the API requires keys (a key itself, not its hash).
+    "API_KEY": None,
 }
 
 QUEUES = ("cpu", "gpu")

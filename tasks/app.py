@@ -13,7 +13,6 @@ from celery import Celery
 from kombu import Queue
 
 from genqueue import config
-from tasks import keys
 
 GENERATE_TASK = "genqueue.generate"
 
@@ -33,7 +32,18 @@ def create_celery(settings: Mapping[str, Any] | None = None) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
+        broker_transport_options={
+            "visibility_timeout": settings["VISIBILITY_TIMEOUT_S"],
+            # Look for jobs of dead workers every REDELIVERY_CHECK_S (kombu's default scans every 100 s).
+            "unacked_restore_interval": settings["REDELIVERY_CHECK_S"],
+            "unacked_restore_throttle": 1,
+            "socket_timeout": 5,
+            "socket_connect_timeout": 2,
+        },
+        # Workers wait for Redis as long as it takes; the API gives up fast and answers 503.
         broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,
+        task_publish_retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5},
         worker_hijack_root_logger=False,
     )
     app.conf.genqueue = dict(settings)
@@ -45,11 +55,3 @@ celery_app = create_celery()
 
 def enqueue(app: Celery, job_id: str, queue: str) -> None:
     app.send_task(GENERATE_TASK, args=[job_id], queue=queue)
-
-
-def queue_depth(client, queue: str) -> int:
-    """Jobs waiting in a queue: the lengths of its broker lists (a job a worker took is not counted)."""
-    with client.pipeline(transaction=False) as pipe:
-        for key in keys.broker_queue_lists(queue):
-            pipe.llen(key)
-        return sum(pipe.execute())

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from engine import EncodedPrompt, GenerationResult, Model
+from engine import EncodedPrompt, FinishReason, GenerationResult, Model, Usage
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,14 @@ class Batcher:
                 self._run_group(group)
 
     def _run_group(self, group: list[BatchItem]) -> None:
+        # Jobs cancelled while they waited for a batch end here, without taking a slot in it.
+        for item in [item for item in group if item.should_stop()]:
+            group.remove(item)
+            usage = Usage(len(item.prompt.tokens), 0)
+            item.outcome = GenerationResult(response="", usage=usage, finish_reason=FinishReason.CANCELLED)
+            item.done.set()
+        if not group:
+            return
         self.on_batch(len(group))
         try:
             outcomes = self.model.generate_batch(

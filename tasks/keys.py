@@ -8,6 +8,9 @@ Per job:
 
 PREFIX = "genqueue"
 
+# Pub/sub channel on which the API announces cancelled job ids to every worker.
+CANCEL_CHANNEL = f"{PREFIX}:cancel"
+
 
 def job(job_id: str) -> str:
     return f"{PREFIX}:job:{job_id}"
@@ -19,6 +22,16 @@ def job_log(job_id: str) -> str:
 
 def job_channel(job_id: str) -> str:
     return f"{PREFIX}:job:{job_id}:events"
+
+
+def broker_queue(queue: str) -> str:
+    """The list in which Celery's Redis transport (kombu) keeps a queue's waiting messages."""
+    return queue
+
+
+def idempotency(owner: str, key_digest: str) -> str:
+    """Maps an owner's Idempotency-Key (hashed) to the job it created and that request's digest."""
+    return f"{PREFIX}:idempotency:{owner}:{key_digest}"
 
 
 def worker(worker_id: str) -> str:
@@ -38,12 +51,3 @@ METRICS_COUNTERS = f"{PREFIX}:metrics:counters"
 
 def metrics_histogram(name: str) -> str:
     return f"{PREFIX}:metrics:histogram:{name}"
-
-
-# Celery's broker (kombu's Redis transport) keeps a queue's waiting messages in a list named after
-# the queue, plus one list per priority step (3, 6, 9) named queue + "\x06\x16" + step.
-BROKER_PRIORITY_STEPS = (0, 3, 6, 9)
-
-
-def broker_queue_lists(queue: str) -> list[str]:
-    return [queue if step == 0 else f"{queue}\x06\x16{step}" for step in BROKER_PRIORITY_STEPS]

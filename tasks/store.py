@@ -52,6 +52,66 @@ return 1
 """
 
 
+# KEYS: job hash, log stream, job channel. ARGV: ttl_s, now, cancel channel, terminal states json, job id.
+# A queued job ends cancelled here and now (seq 1: it has no chunks); a running one is flagged and
+# announced, and its worker stops it within a few tokens. Returns the job's status after the call,
+# or nothing for an unknown job.
+_CANCEL = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return nil end
+for _, ended in ipairs(cjson.decode(ARGV[4])) do
+  if status == ended then return status end
+end
+redis.call('HSET', KEYS[1], 'cancel_requested', '1')
+if status == 'queued' then
+  local event = cjson.encode({seq = 1, type = 'end', status = 'cancelled'})
+  redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[2])
+  redis.call('XADD', KEYS[2], '1-0', 'event', event)
+  redis.call('EXPIRE', KEYS[2], ARGV[1])
+  redis.call('PUBLISH', KEYS[3], event)
+  status = 'cancelled'
+else
+  redis.call('PUBLISH', ARGV[3], ARGV[5])
+end
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+return status
+"""
+
+
+# KEYS: job hash, log stream, job channel. ARGV: ttl_s, now, terminal states json, this worker's id,
+# the heartbeat key prefix, max attempts, the exhausted error json.
+# Claims a delivered job for this worker. A job running on another worker whose heartbeat is alive is
+# a duplicate delivery ('busy'); one whose worker is gone is taken over. Past max attempts the job
+# fails instead ('exhausted'). Returns 'claimed', 'busy', 'exhausted', the ended status, or nil.
+_CLAIM = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return nil end
+for _, ended in ipairs(cjson.decode(ARGV[3])) do
+  if status == ended then return status end
+end
+if status == 'running' then
+  local holder = redis.call('HGET', KEYS[1], 'worker')
+  if holder and holder ~= ARGV[4] and redis.call('EXISTS', ARGV[5] .. holder) == 1 then return 'busy' end
+end
+local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+if attempts > tonumber(ARGV[6]) then
+  local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
+  local seq = 1
+  if #last > 0 then seq = tonumber(string.match(last[1][1], '^(%d+)-')) + 1 end
+  local event = cjson.encode({seq = seq, type = 'end', status = 'failed', error = cjson.decode(ARGV[7])})
+  redis.call('HSET', KEYS[1], 'status', 'failed', 'finished_at', ARGV[2], 'error', ARGV[7])
+  redis.call('XADD', KEYS[2], seq .. '-0', 'event', event)
+  redis.call('EXPIRE', KEYS[2], ARGV[1])
+  redis.call('PUBLISH', KEYS[3], event)
+  return 'exhausted'
+end
+if status == 'queued' then redis.call('HSET', KEYS[1], 'started_at', ARGV[2]) end
+redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[4])
+return 'claimed'
+"""
+
+
 def now() -> float:
     return time.time()
 
@@ -68,6 +128,8 @@ class JobRecord:
     result: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
     attempts: int = 0
+    cancel_requested: bool = False
+    owner: str = ""  # the API key's owner name; empty for an open API
 
     @classmethod
     def from_hash(cls, data: dict[str, str]) -> JobRecord:
@@ -88,6 +150,8 @@ class JobRecord:
             result=document("result"),
             error=document("error"),
             attempts=int(data.get("attempts", 0)),
+            cancel_requested=data.get("cancel_requested") == "1",
+            owner=data.get("owner", ""),
         )
 
 
@@ -96,6 +160,8 @@ class JobStore:
         self.redis = client
         self.ttl_s = int(ttl_s)
         self._apply = client.register_script(_APPLY)
+        self._cancel = client.register_script(_CANCEL)
+        self._claim = client.register_script(_CLAIM)
 
     @classmethod
     def from_url(cls, url: str, ttl_s: int = DEFAULTS["JOB_TTL_S"]) -> JobStore:
@@ -103,8 +169,10 @@ class JobStore:
 
     # -- writers -------------------------------------------------------------------------------
 
-    def create(self, job_id: str, request: dict[str, Any], queue: str) -> JobRecord:
-        record = JobRecord(id=job_id, status=JobState.QUEUED, queue=queue, request=request, created_at=now())
+    def create(self, job_id: str, request: dict[str, Any], queue: str, owner: str | None = None) -> JobRecord:
+        record = JobRecord(
+            id=job_id, status=JobState.QUEUED, queue=queue, request=request, created_at=now(), owner=owner or ""
+        )
         fields = {
             "id": job_id,
             "status": record.status.value,
@@ -112,6 +180,7 @@ class JobStore:
             "request": json.dumps(request),
             "created_at": repr(record.created_at),
             "attempts": 0,
+            "owner": record.owner,
         }
         with self.redis.pipeline() as pipe:
             pipe.hset(keys.job(job_id), mapping=fields)
@@ -123,12 +192,23 @@ class JobStore:
         """Remove a job that was never enqueued (its enqueue failed)."""
         self.redis.delete(keys.job(job_id), keys.job_log(job_id))
 
-    def mark_running(self, job_id: str) -> bool:
-        """Record that a worker started the job; False if it has ended or expired meanwhile."""
-        applied = self._run(job_id, 0, None, {"status": JobState.RUNNING.value, "started_at": repr(now())})
-        if applied == 1:
-            self.redis.hincrby(keys.job(job_id), "attempts", 1)
-        return applied == 1
+    def claim(self, job_id: str, worker_id: str, max_attempts: int) -> str | None:
+        """Take a delivered job for worker_id: 'claimed' (run it), 'busy' (a live worker runs it),
+        'exhausted' (it failed: too many attempts), an ended job's status, or None if unknown."""
+        error = {
+            "code": "attempts_exhausted",
+            "message": f"the job was started {max_attempts} times and its worker was lost each time",
+        }
+        args = [
+            self.ttl_s,
+            repr(now()),
+            json.dumps(TERMINAL_STATES),
+            worker_id,
+            keys.worker(""),
+            max_attempts,
+            json.dumps(error),
+        ]
+        return self._claim(keys=[keys.job(job_id), keys.job_log(job_id), keys.job_channel(job_id)], args=args)
 
     def append_chunk(self, job_id: str, seq: int, text: str) -> bool:
         """Log and publish the seq-th chunk; False if it was logged already or the job has ended."""
@@ -152,11 +232,41 @@ class JobStore:
         event = {"seq": seq, "type": END, "status": status.value, "result": result, "error": error}
         return self._run(job_id, seq, event, fields) == 1
 
+    def cancel(self, job_id: str) -> JobState | None:
+        """Cancel a job: a queued one ends now, a running one is flagged and announced to workers.
+
+        Returns the job's state after the call (an ended job keeps its state), None if unknown."""
+        status = self._cancel(
+            keys=[keys.job(job_id), keys.job_log(job_id), keys.job_channel(job_id)],
+            args=[self.ttl_s, repr(now()), keys.CANCEL_CHANNEL, json.dumps(TERMINAL_STATES), job_id],
+        )
+        return JobState(status) if status else None
+
+    def cancel_requested(self, job_id: str) -> bool:
+        return self.redis.hget(keys.job(job_id), "cancel_requested") == "1"
+
     def _run(self, job_id: str, seq: int, event: dict | None, fields: dict[str, Any]) -> int:
         args: list[Any] = [self.ttl_s, seq, json.dumps(event) if event else "", json.dumps(TERMINAL_STATES)]
         for name, value in fields.items():
             args += [name, value]
         return int(self._apply(keys=[keys.job(job_id), keys.job_log(job_id), keys.job_channel(job_id)], args=args))
+
+    def claim_idempotency_key(self, owner: str, key_digest: str, body_digest: str, job_id: str) -> dict | None:
+        """Bind an Idempotency-Key to job_id, unless it is bound already: then return that binding
+        ({"job_id", "body"}). Kept as long as the job."""
+        binding = json.dumps({"job_id": job_id, "body": body_digest})
+        name = keys.idempotency(owner, key_digest)
+        if self.redis.set(name, binding, nx=True, ex=self.ttl_s):
+            return None
+        existing = self.redis.get(name)
+        return json.loads(existing) if existing else None
+
+    def release_idempotency_key(self, owner: str, key_digest: str) -> None:
+        self.redis.delete(keys.idempotency(owner, key_digest))
+
+    def queue_depth(self, queue: str) -> int:
+        """Jobs waiting in a queue (not yet taken by a worker)."""
+        return int(self.redis.llen(keys.broker_queue(queue)))
 
     # -- readers -------------------------------------------------------------------------------
 

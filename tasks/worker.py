@@ -23,9 +23,10 @@ from genqueue import config
 from tasks import keys
 from tasks.app import GENERATE_TASK, celery_app
 from tasks.batcher import Batcher
+from tasks.cancel import CANCEL_POLL_S, CancelWatcher
 from tasks.metrics import MetricsRecorder
 from tasks.states import JobState
-from tasks.store import JobStore
+from tasks.store import JobRecord, JobStore
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +51,12 @@ class WorkerRuntime:
         self.batcher = Batcher(
             self.model, settings["MAX_BATCH_SIZE"], settings["GATHER_WINDOW_S"], self.metrics.engine_batch
         )
-        self.running = 0  # jobs this process runs now, announced in the heartbeat
-        self._running_lock = threading.Lock()
+        self.cancels = CancelWatcher(self.store.redis)
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
+        self._active: set[str] = set()  # jobs this process is running now
+        self._active_lock = threading.Lock()
+        if settings["VISIBILITY_TIMEOUT_S"] <= settings["JOB_TIME_LIMIT_S"]:
+            log.warning("VISIBILITY_TIMEOUT_S should exceed JOB_TIME_LIMIT_S: long jobs may be delivered twice")
         threading.Thread(target=self._heartbeat, name="genqueue-heartbeat", daemon=True).start()
 
     def _heartbeat(self) -> None:
@@ -67,7 +71,7 @@ class WorkerRuntime:
         while True:
             try:
                 with self.store.redis.pipeline() as pipe:
-                    pipe.hset(keys.worker(self.worker_id), mapping={**fields, "running": self.running})
+                    pipe.hset(keys.worker(self.worker_id), mapping={**fields, "running": len(self._active)})
                     pipe.expire(keys.worker(self.worker_id), HEARTBEAT_TTL_S)
                     pipe.zadd(keys.WORKERS, {self.worker_id: time.time()})
                     pipe.execute()
@@ -75,29 +79,38 @@ class WorkerRuntime:
                 log.warning("heartbeat failed: %s", exc)
             time.sleep(HEARTBEAT_INTERVAL_S)
 
-    def run_counted(self, job_id: str) -> None:
-        """run_job, counted in `running` while it runs."""
-        with self._running_lock:
-            self.running += 1
+    def run_job(self, job_id: str) -> str | None:
+        """Run a delivered job. Returns 'busy' when another live worker holds it (look again later),
+        else the claim's outcome ('claimed' once it has run)."""
+        with self._active_lock:
+            if job_id in self._active:  # delivered again while this process runs it
+                log.info("job %s: already running here", job_id)
+                return None
+            self._active.add(job_id)
         try:
-            self.run_job(job_id)
+            claim = self.store.claim(job_id, self.worker_id, self.settings["MAX_ATTEMPTS"])
+            if claim != "claimed":
+                log.info("job %s: not run (%s)", job_id, claim or "expired")
+                return claim
+            record = self.store.get(job_id)
+            log.info("job %s: running (attempt %d)", job_id, record.attempts)
+            self.metrics.job_started(record.created_at)
+            self.cancels.watch(job_id)
+            try:
+                self._generate(job_id, record)
+            finally:
+                self.cancels.forget(job_id)
+            return claim
         finally:
-            with self._running_lock:
-                self.running -= 1
+            with self._active_lock:
+                self._active.discard(job_id)
 
-    def run_job(self, job_id: str) -> None:
-        record = self.store.get(job_id)
-        if record is None:
-            log.warning("job %s: expired before it ran", job_id)
-            return
-        if record.status.terminal:
-            log.info("job %s: already %s, not run", job_id, record.status.value)
-            return
-        if not self.store.mark_running(job_id):
-            return
-        log.info("job %s: running", job_id)
-        self.metrics.job_started(record.created_at)
+    def _generate(self, job_id: str, record: JobRecord) -> None:
         seq = 0
+        cancelled = self.store.cancel_requested(job_id)  # cancelled between queue and start
+        next_poll = time.monotonic() + CANCEL_POLL_S
+        deadline = time.monotonic() + self.settings["JOB_TIME_LIMIT_S"]
+        timed_out = False
 
         def on_chunk(text: str) -> None:
             nonlocal seq
@@ -106,9 +119,18 @@ class WorkerRuntime:
                 self.metrics.first_text(record.created_at)
             self.store.append_chunk(job_id, seq, text)
 
+        def should_stop() -> bool:
+            nonlocal cancelled, next_poll, timed_out
+            now = time.monotonic()
+            if not cancelled and now >= next_poll:
+                next_poll = now + CANCEL_POLL_S
+                cancelled = self.store.cancel_requested(job_id)
+                timed_out = now >= deadline
+            return cancelled or timed_out or self.cancels.is_cancelled(job_id)
+
         try:
             request = GenerationRequest.from_dict(record.request)
-            result = self.batcher.run(self.model.encode(request), on_chunk)
+            result = self.batcher.run(self.model.encode(request), on_chunk, should_stop)
         except EngineError as exc:
             log.info("job %s: failed: %s", job_id, exc.code)
             if self.store.finish(job_id, seq + 1, JobState.FAILED, error={"code": exc.code, "message": str(exc)}):
@@ -119,6 +141,13 @@ class WorkerRuntime:
             error = {"code": "invalid_request", "message": str(exc)}
             if self.store.finish(job_id, seq + 1, JobState.FAILED, error=error):
                 self.metrics.job_ended(JobState.FAILED.value, record.created_at)
+            return
+        if timed_out and not cancelled:
+            limit = self.settings["JOB_TIME_LIMIT_S"]
+            error = {"code": "time_limit_exceeded", "message": f"the job ran over its time limit of {limit}s"}
+            if self.store.finish(job_id, seq + 1, JobState.FAILED, result=result.to_dict(), error=error):
+                self.metrics.job_ended(JobState.FAILED.value, record.created_at, result.usage.to_dict())
+            log.info("job %s: failed: time limit", job_id)
             return
         status = JobState.CANCELLED if result.finish_reason is FinishReason.CANCELLED else JobState.SUCCEEDED
         if self.store.finish(job_id, seq + 1, status, result=result.to_dict()):
@@ -152,6 +181,9 @@ def _load_in_child(**_kwargs) -> None:
     runtime()  # prefork: each child builds its own model after the fork
 
 
-@celery_app.task(name=GENERATE_TASK)
-def generate(job_id: str) -> None:
-    runtime().run_counted(job_id)
+@celery_app.task(name=GENERATE_TASK, bind=True, max_retries=None)
+def generate(self, job_id: str) -> None:
+    if runtime().run_job(job_id) == "busy":
+        # Another worker holds the job and its heartbeat is fresh. Look again once that heartbeat
+        # would have expired: by then the job has ended, or its worker is gone and we take it over.
+        raise self.retry(countdown=HEARTBEAT_TTL_S)

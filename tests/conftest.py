@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -55,8 +56,8 @@ def tiny_dir(smollm2_dir, tmp_path_factory) -> Path:
 
 
 class WorkerProcess:
-    def __init__(self, model_dir: Path, db: int, queue: str = "cpu", **settings):
-        self.url = redis_url(db)
+    def __init__(self, model_dir: Path, db: int, queue: str = "cpu", redis_base: str | None = None, **settings):
+        self.url = f"{redis_base or REDIS_BASE_URL}/{db}"
         self.queue = queue
         env = {
             **os.environ,
@@ -65,7 +66,7 @@ class WorkerProcess:
             "GENQUEUE_DEFAULT_QUEUE": queue,
             **{f"GENQUEUE_{k.upper()}": str(v) for k, v in settings.items()},
         }
-        self.log = open(model_dir.parent / f"worker-{db}-{queue}-{time.monotonic_ns()}.log", "w+")  # noqa: SIM115
+        self.log = tempfile.NamedTemporaryFile("w+", prefix=f"worker-{db}-{queue}-", suffix=".log")  # noqa: SIM115
         self.process = subprocess.Popen(
             [sys.executable, "-m", "genqueue.cli", "worker", "--queue", queue, "--loglevel", "INFO"],
             env=env,

@@ -282,3 +282,20 @@ def test_a_sync_request_that_waits_too_long_is_a_504_and_its_job_goes_on():
     assert response.json["error"]["code"] == "timeout"
     job_id = response.json["error"]["message"].split()[1]
     assert client.get(f"/v1/jobs/{job_id}").json["status"] == "queued"
+
+
+def test_with_api_keys_the_openai_client_sends_its_key_and_errors_keep_openais_shape(tiny_worker):
+    from api import create_app
+    from api.auth import hash_key
+
+    key = "gq_openai-test-key"
+    server = LiveServer(create_app({"REDIS_URL": redis_url(TINY_DB), "API_KEYS": f"team:{hash_key(key)}"}))
+    try:
+        keyed = openai.OpenAI(base_url=f"{server.url}/v1", api_key=key, max_retries=0, timeout=60)
+        assert keyed.chat.completions.create(model="tiny", messages=CHAT, max_tokens=2).usage.completion_tokens == 2
+        wrong = openai.OpenAI(base_url=f"{server.url}/v1", api_key="gq_wrong", max_retries=0, timeout=60)
+        with pytest.raises(openai.PermissionDeniedError) as caught:
+            wrong.models.list()
+        assert caught.value.body["code"] == "forbidden" and caught.value.body["type"] == "invalid_request_error"
+    finally:
+        server.stop()

@@ -122,3 +122,27 @@ def test_every_command_has_help(path):
     assert result.exit_code == 0, result.output
     assert "Usage:" in result.output
     assert "-h, --help" in result.output
+
+
+def test_client_commands_send_the_api_key_when_the_api_requires_one(tiny_worker):
+    from api import create_app
+    from api.auth import hash_key
+
+    key = "gq_cli-test-key"
+    server = LiveServer(create_app({"REDIS_URL": redis_url(TINY_DB), "API_KEYS": f"cli:{hash_key(key)}"}))
+    try:
+        refused = genqueue("submit", "hi", "--max-tokens", "2", api_url=server.url)
+        assert refused.returncode == 1 and "HTTP 401 unauthorized" in refused.stderr
+        done = genqueue("submit", "hi", "--max-tokens", "2", "--api-key", key, api_url=server.url)
+        assert done.returncode == 0, done.stderr
+        env_key = subprocess.run(
+            [sys.executable, "-m", "genqueue.cli", "job", "get", job_id_of(done.stderr)],
+            env={**os.environ, "GENQUEUE_API_URL": server.url, "GENQUEUE_API_KEY": key},
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert json.loads(env_key.stdout)["status"] == "succeeded"
+    finally:
+        server.stop()

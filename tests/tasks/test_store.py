@@ -26,7 +26,7 @@ def test_a_job_and_its_log_expire_after_the_ttl(store):
 
 def test_chunks_replay_in_order_and_a_repeated_seq_is_not_logged_twice(store):
     store.create("j1", {"prompt": "hi"}, "cpu")
-    assert store.mark_running("j1")
+    assert store.claim("j1", "w1", 3) == "claimed"
     assert [store.append_chunk("j1", seq, text) for seq, text in [(1, "a"), (2, "b"), (3, "c")]] == [True] * 3
     # A redelivered job generates its chunks again: the log keeps one copy.
     assert not store.append_chunk("j1", 1, "a")
@@ -44,7 +44,7 @@ def test_nothing_is_appended_after_the_job_ended(store):
     assert store.finish("j1", 1, JobState.CANCELLED)
     assert not store.append_chunk("j1", 2, "late")
     assert not store.finish("j1", 2, JobState.SUCCEEDED, result={"response": "late"})
-    assert not store.mark_running("j1")
+    assert store.claim("j1", "w1", 3) == "cancelled"
     record = store.get("j1")
     assert record.status is JobState.CANCELLED
     assert record.result is None
@@ -60,7 +60,7 @@ def test_unknown_or_expired_jobs_take_no_writes(store):
 def test_record_keeps_state_and_timestamps(store):
     created = store.create("j1", {"prompt": "hi", "max_tokens": 3}, "cpu")
     assert created.status is JobState.QUEUED and created.started_at is None
-    store.mark_running("j1")
+    assert store.claim("j1", "w1", 3) == "claimed"
     running = store.get("j1")
     assert running.status is JobState.RUNNING and running.started_at >= running.created_at
     assert running.attempts == 1
@@ -101,3 +101,29 @@ def test_store_errors_surface_as_redis_errors():
     store = JobStore.from_url("redis://127.0.0.1:1/0")
     with pytest.raises(redis.ConnectionError):
         store.get("j1")
+
+
+def test_a_job_held_by_a_live_worker_is_not_claimed_twice(store):
+    store.create("j1", {"prompt": "hi"}, "cpu")
+    store.redis.set(keys.worker("w1"), "alive", ex=60)
+    assert store.claim("j1", "w1", 3) == "claimed"
+    assert store.claim("j1", "w2", 3) == "busy"
+    assert store.get("j1").attempts == 1
+
+
+def test_a_job_whose_worker_died_is_taken_over_until_attempts_run_out(store):
+    store.create("j1", {"prompt": "hi"}, "cpu")
+    assert store.claim("j1", "w1", 2) == "claimed"  # w1 has no heartbeat: it died
+    started = store.get("j1").started_at
+    store.append_chunk("j1", 1, "partial")
+    assert store.claim("j1", "w2", 2) == "claimed"
+    record = store.get("j1")
+    assert record.attempts == 2 and record.started_at == started
+    assert store.claim("j1", "w3", 2) == "exhausted"
+    record = store.get("j1")
+    assert record.status is JobState.FAILED
+    assert record.error["code"] == "attempts_exhausted"
+    events = store.events("j1")
+    assert [e["seq"] for e in events] == [1, 2] and events[-1]["status"] == "failed"
+    assert store.claim("j1", "w4", 2) == "failed"
+    assert store.claim("nope", "w1", 2) is None
