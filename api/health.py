@@ -8,21 +8,17 @@ import redis
 from flask import Blueprint, current_app, jsonify
 
 from api.auth import public
+from api.openapi import document
 from genqueue import config
 from tasks import keys
 
 bp = Blueprint("health", __name__)
 
 
-# Workers silent this long leave the registry (their heartbeat hashes expired long before).
-FORGET_WORKERS_AFTER_S = 3600
-
-
 def live_workers(client: redis.Redis) -> list[dict]:
-    """The heartbeat of every live worker: queues, model, device, running jobs (a worker beats once its
-    model is loaded, and its heartbeat hash expires when it stops)."""
-    client.zremrangebyscore(keys.WORKERS, "-inf", time.time() - FORGET_WORKERS_AFTER_S)
-    ids = client.zrange(keys.WORKERS, 0, -1)
+    """The heartbeat of every live worker: queues, model, LoRA variants, device, running jobs (a worker
+    beats once its models are loaded; keys.WORKERS scores each by when its heartbeat expires)."""
+    ids = client.zrangebyscore(keys.WORKERS, time.time(), "+inf")
     with client.pipeline(transaction=False) as pipe:
         for worker_id in ids:
             pipe.hgetall(keys.worker(worker_id))
@@ -32,12 +28,18 @@ def live_workers(client: redis.Redis) -> list[dict]:
 
 @bp.get("/healthz")
 @public
+@document("The API process is alive", tags=["Health"], responses={200: ("Always {status: ok}",)})
 def healthz():
     return jsonify({"status": "ok"})
 
 
 @bp.get("/readyz")
 @public
+@document(
+    "Ready: Redis answers and a worker with a loaded model consumes the default queue",
+    tags=["Health"],
+    responses={200: ("Ready, with the live workers",), 503: ("Not ready, and why",)},
+)
 def readyz():
     """Ready when Redis answers and each queue this API sends jobs to has a worker with a loaded model."""
     client = current_app.extensions["genqueue.store"].redis

@@ -14,8 +14,10 @@ from marshmallow import ValidationError
 from api import request_id
 from api.auth import current_owner
 from api.errors import ApiError
-from api.schemas import GenerationSchema
+from api.openapi import document
+from api.schemas import ErrorSchema, GenerationSchema, JobSchema
 from api.sse import job_event_stream
+from tasks import keys
 from tasks.app import enqueue
 from tasks.metrics import MetricsRecorder
 from tasks.states import JobState
@@ -71,6 +73,33 @@ def validate(schema_cls, body: dict) -> dict:
 
 IDEMPOTENCY_WAIT_S = 2.0  # how long a retry waits for the first request's job to be written
 RETRY_AFTER_FULL_S = 5
+
+
+def served_loras(queue: str) -> set[str] | None:
+    """The LoRA variants the live workers of a queue serve; None when no worker of it is heard from."""
+    client = store().redis
+    live = client.zrangebyscore(keys.WORKERS, time.time(), "+inf")
+    with client.pipeline() as pipe:
+        for worker_id in live:
+            pipe.hgetall(keys.worker(worker_id))
+        workers = pipe.execute()
+    serving = [w for w in workers if queue in w.get("queues", "").split(",")]
+    if not serving:
+        return None
+    return {name for w in serving for name in w.get("loras", "").split(",") if name}
+
+
+def validate_generation(body: dict) -> dict:
+    """A generation body validated, and its `lora` checked against what the queue's workers serve.
+    With no worker up, the job is queued and the worker that takes it checks the name."""
+    params = validate(GenerationSchema, body)
+    lora = params.get("lora")
+    known = served_loras(current_app.config["DEFAULT_QUEUE"]) if lora is not None else None
+    if known is not None and lora not in known:
+        listed = ", ".join(sorted(known)) or "none"
+        message = f"unknown lora {lora!r}; the workers serve: {listed}"
+        raise ApiError(400, "invalid_request", message, {"lora": [message]})
+    return params
 
 
 def submit(params: dict) -> JobRecord:
@@ -145,9 +174,37 @@ def get_record(job_id: str) -> JobRecord:
     return record
 
 
+def wait_for_end(job_id: str, wait_s: float) -> JobRecord:
+    """The job once it has ended, or as it is after wait_s seconds."""
+    record = get_record(job_id)
+    if wait_s and not record.status.terminal:
+        deadline = time.monotonic() + wait_s
+        for event in store().follow(job_id, poll_s=min(1.0, wait_s)):
+            if (event and event["type"] == "end") or time.monotonic() >= deadline:
+                break
+        record = get_record(job_id)
+    return record
+
+
 @bp.post("")
+@document(
+    "Submit a generation job",
+    description=(
+        "Validates the body and queues the job: 202 with the job and its Location. With stream: true, "
+        "answers 200 with the job's SSE stream instead (header X-Job-Id)."
+    ),
+    tags=["Jobs"],
+    request=GenerationSchema,
+    responses={
+        202: ("The queued job", JobSchema),
+        200: ("With stream: true, the job's Server-Sent Events", None, "text/event-stream"),
+        400: ("Malformed JSON or invalid fields, each named with its limit", ErrorSchema),
+        415: ("The body is not JSON", ErrorSchema),
+        503: ("Redis is unreachable (Retry-After)", ErrorSchema),
+    },
+)
 def create_job():
-    params = validate(GenerationSchema, json_body())
+    params = validate_generation(json_body())
     record = submit(params)
     location = url_for("jobs.get_job", job_id=record.id)
     if params["stream"]:
@@ -158,6 +215,24 @@ def create_job():
 
 
 @bp.get("/<job_id>")
+@document(
+    "Read a job, optionally waiting for it to end",
+    tags=["Jobs"],
+    parameters=[
+        {
+            "name": "wait",
+            "in": "query",
+            "required": False,
+            "description": "Seconds (0 to GENQUEUE_MAX_WAIT_S) to wait for the job to end before answering",
+            "schema": {"type": "number", "minimum": 0},
+        }
+    ],
+    responses={
+        200: ("The job", JobSchema),
+        400: ("An invalid wait", ErrorSchema),
+        404: ("Unknown or expired job", ErrorSchema),
+    },
+)
 def get_job(job_id: str):
     wait = request.args.get("wait", "0")
     try:
@@ -172,17 +247,32 @@ def get_job(job_id: str):
             f"wait must be a number of seconds from 0 to {max_wait}",
             {"wait": [f"Must be between 0 and {max_wait}."]},
         )
-    record = get_record(job_id)
-    if wait_s and not record.status.terminal:
-        deadline = time.monotonic() + wait_s
-        for event in store().follow(job_id, poll_s=min(1.0, wait_s)):
-            if (event and event["type"] == "end") or time.monotonic() >= deadline:
-                break
-        record = get_record(job_id)
-    return jsonify(job_view(record))
+    return jsonify(job_view(wait_for_end(job_id, wait_s)))
 
 
 @bp.get("/<job_id>/stream")
+@document(
+    "Stream a job's chunks as Server-Sent Events",
+    description=(
+        'Each chunk is `id: <n>` and `data: {"response": "<text>"}`; the last event carries tool_calls, usage '
+        "and finish_reason (or `event: error`), then `data: [DONE]`. Replays from the start; Last-Event-ID resumes."
+    ),
+    tags=["Jobs"],
+    parameters=[
+        {
+            "name": "Last-Event-ID",
+            "in": "header",
+            "required": False,
+            "description": "Resume after this event id",
+            "schema": {"type": "integer", "minimum": 0},
+        }
+    ],
+    responses={
+        200: ("The job's events", None, "text/event-stream"),
+        400: ("An invalid Last-Event-ID", ErrorSchema),
+        404: ("Unknown or expired job", ErrorSchema),
+    },
+)
 def stream_job(job_id: str):
     get_record(job_id)
     last_event_id = request.headers.get("Last-Event-ID") or request.args.get("last_event_id") or "0"

@@ -12,6 +12,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from api.health import live_workers
+from api.openapi import document
 from genqueue import config
 from tasks.metrics import COUNTERS, HISTOGRAMS, MetricsRecorder
 from tasks.store import JobStore
@@ -72,6 +73,11 @@ def init_app(app) -> None:
 
 
 @bp.get("/metrics")
+@document(
+    "Prometheus metrics of the whole deployment (every worker's figures, read from Redis)",
+    tags=["Operations"],
+    responses={200: ("Prometheus text exposition format", None, "text/plain")},
+)
 def metrics():
     registry = current_app.extensions["genqueue.metrics_registry"]
     return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)

@@ -23,6 +23,7 @@ from marshmallow import INCLUDE, Schema, ValidationError, fields, validate, vali
 from api.errors import ApiError
 from api.health import live_workers
 from api.jobs import SSE_HEADERS, get_record, json_body, store, submit
+from api.openapi import document
 from api.schemas import (
     MAX_TEXT_CHARS,
     MAX_TOKENS_LIMIT,
@@ -32,6 +33,8 @@ from api.schemas import (
     StrictFloat,
     StrictInteger,
 )
+from engine.lora import variant_dir_name
+from engine.model import METADATA_FILE
 from genqueue import config
 from tasks.states import JobState
 from tasks.store import CHUNK, JobRecord
@@ -126,39 +129,85 @@ def _redis_down(exc: redis.RedisError):
 # -- the models ----------------------------------------------------------------------------------
 
 
-def available_models() -> list[dict]:
-    """The models a request may name: those the workers of the routed queue have loaded.
+LORA_SEPARATOR = ":"  # a LoRA variant's model id: "<base model>:<lora name>"
 
-    A queue's workers serve the model they loaded, so naming any other could not be honoured. Before
-    any worker is up, the configured model (GENQUEUE_MODEL) is listed, so requests can queue for it.
-    Extend here to list more (e.g. LoRA variants).
+
+def served_models() -> dict[str, str | None]:
+    """The model ids a request may name, each with the LoRA variant it selects (None: the base).
+
+    The workers of the queue jobs go to serve the model they loaded and its variants, so naming any
+    other could not be honoured. Before any worker is up, the configured model (GENQUEUE_MODEL) and
+    the variants its metadata lists are served, so requests can queue for them.
     """
     queue = current_app.config["DEFAULT_QUEUE"]
-    names = sorted(
-        {w["model"] for w in live_workers(store().redis) if w.get("model") and queue in w.get("queues", "").split(",")}
-    )
-    if not names:
-        names = [Path(config.model_path(current_app.config)).name]
-    return [_model_entry(name) for name in names]
+    bases: dict[str, set[str]] = {}
+    for worker in live_workers(store().redis):
+        if worker.get("model") and queue in worker.get("queues", "").split(","):
+            loras = bases.setdefault(worker["model"], set())
+            loras.update(name for name in worker.get("loras", "").split(",") if name)
+    if not bases:
+        model_dir = Path(config.model_path(current_app.config))
+        bases[model_dir.name] = set((_metadata(model_dir.name).get("lora") or {}).keys())
+    served: dict[str, str | None] = {}
+    for base, loras in sorted(bases.items()):
+        served[base] = None
+        served.update({f"{base}{LORA_SEPARATOR}{lora}": lora for lora in sorted(loras)})
+    return served
 
 
-def _model_entry(name: str) -> dict:
-    created = 0
-    metadata = Path(current_app.config["MODELS_DIR"]) / name / "genqueue.json"
+def available_models() -> list[dict]:
+    """The served models in OpenAI's model shape."""
+    entries = []
+    for model_id, lora in served_models().items():
+        base = model_id.removesuffix(f"{LORA_SEPARATOR}{lora}") if lora else model_id
+        prepared_at = _metadata(variant_dir_name(base, lora) if lora else base).get("prepared_at", "")
+        try:
+            created = int(datetime.fromisoformat(prepared_at.replace("Z", "+00:00")).timestamp())
+        except ValueError:
+            created = 0  # prepared elsewhere: the API need not see the workers' model files
+        entries.append({"id": model_id, "object": "model", "created": created, "owned_by": "genqueue"})
+    return entries
+
+
+def _metadata(dir_name: str) -> dict:
     try:
-        prepared_at = json.loads(metadata.read_text()).get("prepared_at", "")
-        created = int(datetime.fromisoformat(prepared_at.replace("Z", "+00:00")).timestamp())
-    except (OSError, ValueError, AttributeError):
-        pass  # prepared elsewhere (the API need not see the workers' model files)
-    return {"id": name, "object": "model", "created": created, "owned_by": "genqueue"}
+        return json.loads((Path(current_app.config["MODELS_DIR"]) / dir_name / METADATA_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+class ModelSchema(Schema):
+    id = fields.String()
+    object = fields.String()
+    created = fields.Integer()
+    owned_by = fields.String()
+
+
+class ModelListSchema(Schema):
+    object = fields.String()
+    data = fields.List(fields.Nested(ModelSchema))
+
+
+OPENAI_ERROR = ("OpenAI's error shape: {error: {message, type, param, code}}",)
 
 
 @bp.get("/models")
+@document(
+    "OpenAI-compatible: the models a request may name",
+    description="The model the queue's workers loaded, and its LoRA variants as '<model>:<lora>'.",
+    tags=["OpenAI-compatible"],
+    responses={200: ("The list", ModelListSchema)},
+)
 def list_models():
     return jsonify({"object": "list", "data": available_models()})
 
 
 @bp.get("/models/<path:model>")
+@document(
+    "OpenAI-compatible: one model",
+    tags=["OpenAI-compatible"],
+    responses={200: ("The model", ModelSchema), 404: OPENAI_ERROR},
+)
 def get_model(model: str):
     for entry in available_models():
         if entry["id"] == model:
@@ -167,7 +216,7 @@ def get_model(model: str):
 
 
 def _unknown_model(model: str) -> OpenAIError:
-    known = ", ".join(m["id"] for m in available_models())
+    known = ", ".join(served_models())
     return OpenAIError(
         404, f"The model {model!r} does not exist; this server serves: {known}", "model", "model_not_found"
     )
@@ -308,9 +357,11 @@ def _first_problem(messages, path: str = "") -> tuple[str | None, str]:
     return path or None, str(messages)
 
 
-def native_params(data: dict, **input_fields) -> dict:
+def native_params(data: dict, lora: str | None, **input_fields) -> dict:
     """The native job body for a validated OpenAI request, checked by the native schema too."""
     params = {**input_fields, "max_tokens": data["max_tokens"], "temperature": data["temperature"]}
+    if lora is not None:
+        params["lora"] = lora
     for name in ("top_p", "stop"):
         if name in data:
             params[name] = data[name]
@@ -321,9 +372,12 @@ def native_params(data: dict, **input_fields) -> dict:
         raise OpenAIError(400, f"Invalid value for {name!r}: {problems}", name, "invalid_value") from exc
 
 
-def check_model(name: str) -> None:
-    if name not in {m["id"] for m in available_models()}:
-        raise _unknown_model(name)
+def lora_of(model: str) -> str | None:
+    """The LoRA variant a served model id selects; an unknown id is a 404."""
+    served = served_models()
+    if model not in served:
+        raise _unknown_model(model)
+    return served[model]
 
 
 # -- answering -----------------------------------------------------------------------------------
@@ -432,15 +486,15 @@ def _stream(events: Iterator[dict | None], job_id: str, shape: Shape, include_us
 def run(chat: bool) -> Response:
     body = json_body()
     data = parse(ChatCompletionSchema if chat else CompletionSchema, body)
-    check_model(data["model"])
+    lora = lora_of(data["model"])
     max_tokens = data.get("max_tokens") or data.get("max_completion_tokens")
     data["max_tokens"] = max_tokens or (DEFAULT_CHAT_MAX_TOKENS if chat else DEFAULT_COMPLETION_MAX_TOKENS)
     if chat:
         roles = {"developer": "system"}
         messages = [{"role": roles.get(m["role"], m["role"]), "content": m["content"]} for m in data["messages"]]
-        params = native_params(data, messages=messages)
+        params = native_params(data, lora, messages=messages)
     else:
-        params = native_params(data, prompt=data["prompt"], raw=True)  # completions take text as is
+        params = native_params(data, lora, prompt=data["prompt"], raw=True)  # completions take text as is
     record = submit(params)
     shape = Shape(chat, record, data["model"])
     if data["stream"]:
@@ -450,11 +504,38 @@ def run(chat: bool) -> Response:
     return response
 
 
+STREAM_DOC = "With stream: Server-Sent Events of chunks, then data: [DONE]"
+
+
 @bp.post("/chat/completions")
+@document(
+    "OpenAI-compatible chat completion, run as a job on the queue",
+    description="Parameters genqueue cannot honour exactly (seed, penalties, n > 1, logprobs, tools, ...) are "
+    "refused with a 400 naming them. The job's id is in the X-Job-Id header.",
+    tags=["OpenAI-compatible"],
+    request=ChatCompletionSchema,
+    responses={
+        200: ("The chat.completion; " + STREAM_DOC, None, "text/event-stream"),
+        400: OPENAI_ERROR,
+        404: OPENAI_ERROR,
+        504: OPENAI_ERROR,
+    },
+)
 def chat_completions():
     return run(chat=True)
 
 
 @bp.post("/completions")
+@document(
+    "OpenAI-compatible text completion (the prompt is sent raw), run as a job on the queue",
+    tags=["OpenAI-compatible"],
+    request=CompletionSchema,
+    responses={
+        200: ("The text_completion; " + STREAM_DOC, None, "text/event-stream"),
+        400: OPENAI_ERROR,
+        404: OPENAI_ERROR,
+        504: OPENAI_ERROR,
+    },
+)
 def completions():
     return run(chat=False)

@@ -10,6 +10,7 @@ from engine.errors import (
     InvalidRequestError,
     ModelNotFoundError,
     ModelPreparationError,
+    UnknownLoraError,
 )
 from engine.model import EncodedPrompt, Model
 from engine.request import FinishReason, GenerationRequest, GenerationResult, Message, SamplingOptions, Usage
@@ -28,5 +29,6 @@ __all__ = [
     "ModelNotFoundError",
     "ModelPreparationError",
     "SamplingOptions",
+    "UnknownLoraError",
     "Usage",
 ]

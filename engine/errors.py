@@ -29,6 +29,12 @@ class ChatTemplateError(InvalidRequestError):
     code = "chat_template_error"
 
 
+class UnknownLoraError(InvalidRequestError):
+    """Raised when a request names a LoRA variant the model does not have."""
+
+    code = "unknown_lora"
+
+
 class ModelNotFoundError(EngineError):
     """Raised when a model directory is missing or does not hold a prepared model."""
 

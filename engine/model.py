@@ -17,6 +17,7 @@ from engine.errors import ContextLengthExceededError, InvalidRequestError, Model
 from engine.request import FinishReason, GenerationRequest, GenerationResult, SamplingOptions, Usage
 from engine.stop import StopMatcher
 from engine.tokenizer import ChatTokenizer
+from engine.tools import parse_tool_calls
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +52,11 @@ class _ItemState:
 
 def sampling_arguments(options: SamplingOptions) -> dict:
     """CTranslate2's arguments for these options; each maps exactly, none is approximated."""
-    if options.greedy or options.top_p == 0:  # top_p 0 keeps only the most likely token
-        return {"sampling_topk": 1}
+    arguments = {"repetition_penalty": options.repetition_penalty}
+    if options.greedy:  # temperature 0, top_k 1, or top_p 0 (which keeps only the most likely token)
+        return {**arguments, "sampling_topk": 1}
     return {
+        **arguments,
         "sampling_topk": options.top_k or 0,  # 0: sample from the whole vocabulary
         "sampling_temperature": options.temperature,
         "sampling_topp": min(options.top_p, 1.0),  # above 1 no token is cut, as at 1
@@ -73,8 +76,10 @@ class Model:
         compute_type: str | None = None,
         intra_threads: int = 0,
         inter_threads: int = 1,
+        lora: str | None = None,
     ):
         self.model_dir = Path(model_dir)
+        self.lora = lora  # the LoRA variant name this directory holds (requests must ask for it), or None
         if not (self.model_dir / "model.bin").is_file():
             raise ModelNotFoundError(f"no prepared model at {self.model_dir}; run 'genqueue model prepare' first")
         metadata_path = self.model_dir / METADATA_FILE
@@ -96,6 +101,10 @@ class Model:
 
     def encode(self, request: GenerationRequest) -> EncodedPrompt:
         """Render and tokenize a request; raise InvalidRequestError if it cannot run as asked."""
+        if request.options.lora != self.lora:
+            raise InvalidRequestError(
+                f"this model serves lora {self.lora!r}, the request asks for {request.options.lora!r}"
+            )
         tokens = self.tokenizer.encode(request)
         if not tokens:
             raise InvalidRequestError("the prompt is empty after tokenization")
@@ -127,6 +136,10 @@ class Model:
             _ItemState(p, IncrementalDetokenizer(self.tokenizer.decode), StopMatcher(p.request.options.stop))
             for p in prompts
         ]
+        # The callbacks must not reference self: CTranslate2 drops the callback in its own thread after
+        # the call, and if that dropped the last reference to this Model, its Generator would be
+        # destroyed from the thread it has to join ("Resource deadlock avoided": abort).
+        end_tokens = self._end_tokens
 
         def emit(state: _ItemState, index: int, text: str, final: bool = False) -> None:
             text = state.stops.feed(text, final)  # holds back what may begin a stop string, until final
@@ -140,7 +153,7 @@ class Model:
             if state.finish_reason is not None:
                 return True
             try:
-                if step.token in self._end_tokens:
+                if step.token in end_tokens:
                     state.finish_reason = FinishReason.STOP
                     return True
                 state.completion_tokens += 1
@@ -180,11 +193,13 @@ class Model:
             if state.error is not None:
                 results.append(state.error)
                 continue
+            response = "".join(state.chunks)
             results.append(
                 GenerationResult(
-                    response="".join(state.chunks),
+                    response=response,
                     usage=Usage(len(state.prompt.tokens), state.completion_tokens),
                     finish_reason=state.finish_reason or FinishReason.STOP,
+                    tool_calls=tuple(parse_tool_calls(response, state.prompt.request.tools)),
                 )
             )
         return results

@@ -1,8 +1,9 @@
-"""Model preparation: a GGUF file or a transformers Llama directory into a CTranslate2 model directory.
+"""Model preparation: a GGUF file or a transformers Llama directory into a CTranslate2 model directory,
+and LoRA adapters merged into a prepared model's source as variants of it (see engine/lora.py).
 
 The result holds model.bin, the tokenizer files and genqueue.json (what it was built from), so one
 directory serves the worker. Preparing again with the same source and quantization reuses it.
-torch and transformers are imported here only: workers never need them.
+torch, transformers and peft are imported here only: workers never need them.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from engine import lora
 from engine.errors import ModelPreparationError
 from engine.model import METADATA_FILE
 from engine.tokenizer import CHAT_TEMPLATE_FILE, GENERATION_CONFIG_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE
@@ -105,12 +107,81 @@ def prepare_model(
             "max_context": int(config.get("max_position_embeddings") or 0) or None,
             "prepared_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
+        if existing and existing.get("source") == metadata["source"] and existing.get(lora.METADATA_KEY):
+            # Variants merge into the source, not into this conversion: they stay valid.
+            metadata[lora.METADATA_KEY] = existing[lora.METADATA_KEY]
         (ct2_dir / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
         if output.exists():
             shutil.rmtree(output)
         ct2_dir.rename(output)  # same filesystem: the model appears whole or not at all
     progress(f"prepared {name!r} at {output} in {time.monotonic() - started:.0f}s")
     return output
+
+
+def prepare_lora(
+    base_dir: str | Path,
+    adapter_dir: str | Path,
+    name: str,
+    force: bool = False,
+    progress: Progress = print,
+) -> Path:
+    """Merge a PEFT LoRA adapter into the source of the prepared model at base_dir, convert the result
+    with the base's quantization next to it, and record it in the base's genqueue.json as `name`."""
+    lora.check_name(name)
+    base_dir = Path(base_dir).expanduser().resolve()
+    base = _read_metadata(base_dir)
+    if base is None:
+        raise ModelPreparationError(f"no prepared model at {base_dir}; prepare the base model first")
+    if base.get("lora_of"):
+        raise ModelPreparationError(f"{base_dir} is itself a LoRA variant; give its base model")
+    adapter_path = Path(adapter_dir).expanduser().resolve()
+    lora.check_adapter(adapter_path)
+    source = Path(base["source"])
+    if not source.exists():
+        raise ModelPreparationError(f"the base model's source {source} is gone: the adapter merges into it")
+    output = base_dir.parent / lora.variant_dir_name(base_dir.name, name)
+    wanted = {"source": str(source), "quantization": base["quantization"], "adapter": str(adapter_path)}
+
+    existing = _read_metadata(output)
+    if existing and not force and all(existing.get(k) == v for k, v in wanted.items()):
+        progress(f"lora {name!r} of {base_dir.name!r} is already prepared at {output}")
+    else:
+        started = time.monotonic()
+        with tempfile.TemporaryDirectory(prefix=f".{output.name}-", dir=output.parent) as work:
+            work_dir = Path(work)
+            hf_dir = source
+            if source.is_file():  # a GGUF base: dequantize it first, as prepare_model did
+                hf_dir = work_dir / "hf"
+                _gguf_to_transformers(source, hf_dir, progress)
+            progress(f"merging the LoRA adapter {adapter_path} into {source.name}")
+            merged_dir = work_dir / "merged"
+            lora.merge_adapter(hf_dir, adapter_path, merged_dir, list(TOKENIZER_FILES))
+            config = _check_transformers_dir(merged_dir)
+            ct2_dir = work_dir / "ct2"
+            _convert(merged_dir, ct2_dir, base["quantization"], progress)
+            metadata = {
+                "name": output.name,
+                **wanted,
+                "lora_of": base_dir.name,
+                "lora_name": name,
+                "architecture": config["architectures"][0],
+                "max_context": base.get("max_context"),
+                "prepared_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            }
+            (ct2_dir / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
+            if output.exists():
+                shutil.rmtree(output)
+            ct2_dir.rename(output)
+        progress(f"prepared lora {name!r} of {base_dir.name!r} at {output} in {time.monotonic() - started:.0f}s")
+    variants = {**(base.get(lora.METADATA_KEY) or {}), name: output.name}
+    _write_metadata(base_dir, {**base, lora.METADATA_KEY: variants})
+    return output
+
+
+def _write_metadata(model_dir: Path, metadata: dict) -> None:
+    temporary = model_dir / f".{METADATA_FILE}.tmp"
+    temporary.write_text(json.dumps(metadata, indent=2) + "\n")
+    temporary.replace(model_dir / METADATA_FILE)  # readers see the old file or the new one, never half
 
 
 def _read_metadata(model_dir: Path) -> dict | None:

@@ -11,9 +11,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from engine.stop import check_stop_sequences
+from engine.tools import Tool, tools_from_request
 
 DEFAULT_MAX_TOKENS = 256
 DEFAULT_TEMPERATURE = 0.6
+DEFAULT_REPETITION_PENALTY = 1.0  # 1 leaves scores as they are
 
 
 class FinishReason(enum.StrEnum):
@@ -30,12 +32,14 @@ class Message:
 
 @dataclass(frozen=True)
 class SamplingOptions:
-    """How tokens are chosen. temperature 0 (or top_k 1) means greedy decoding."""
+    """How tokens are chosen, and by which model variant. temperature 0 (or top_k 1) means greedy."""
 
     max_tokens: int = DEFAULT_MAX_TOKENS
     temperature: float = DEFAULT_TEMPERATURE
     top_p: float = 1.0
     top_k: int | None = None  # None: no top-k limit
+    repetition_penalty: float = DEFAULT_REPETITION_PENALTY  # CTranslate2's: > 1 penalizes tokens already generated
+    lora: str | None = None  # a merged LoRA variant of the worker's model (see engine/lora.py); None: the base
     # Generation ends at the first of these strings, which the response leaves out. Applied per
     # prompt by the engine, so it does not split batches (batch_key leaves it out).
     stop: tuple[str, ...] = ()
@@ -46,13 +50,15 @@ class SamplingOptions:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        return self.temperature == 0 or self.top_k == 1 or self.top_p == 0
 
     def batch_key(self) -> tuple:
-        """Requests with equal keys may share one engine call (its settings apply to all prompts)."""
+        """Requests with equal keys may share one engine call: the call's settings and its model
+        apply to all of its prompts. max_tokens is per prompt and so not part of it."""
+        common = (self.lora, self.repetition_penalty)
         if self.greedy:
-            return ("greedy",)
-        return ("sample", self.temperature, self.top_p, self.top_k)
+            return ("greedy", *common)
+        return ("sample", self.temperature, self.top_p, self.top_k, *common)
 
 
 @dataclass(frozen=True)
@@ -63,6 +69,7 @@ class GenerationRequest:
     messages: tuple[Message, ...] | None = None
     raw: bool = False  # True: the prompt goes to the model as is, without the chat template
     options: SamplingOptions = field(default_factory=SamplingOptions)
+    tools: tuple[Tool, ...] = ()  # rendered into the prompt; calls are parsed out of the reply
 
     def __post_init__(self) -> None:
         if (self.prompt is None) == (self.messages is None):
@@ -74,10 +81,14 @@ class GenerationRequest:
             data["prompt"] = self.prompt
         else:
             data["messages"] = [asdict(m) for m in self.messages]
+        if self.tools:
+            data["tools"] = [tool.to_dict() for tool in self.tools]
         return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GenerationRequest:
+        """From to_dict's output, or from a request body as the API validated it (whose `tools`
+        may take either Workers AI form, and `functions` are tools too)."""
         option_names = SamplingOptions.__dataclass_fields__.keys()
         options = SamplingOptions(**{k: data[k] for k in option_names if data.get(k) is not None})
         messages = data.get("messages")
@@ -86,6 +97,7 @@ class GenerationRequest:
             messages=tuple(Message(m["role"], m["content"]) for m in messages) if messages is not None else None,
             raw=bool(data.get("raw", False)),
             options=options,
+            tools=tools_from_request(data.get("tools") or (), data.get("functions") or ()),
         )
 
 

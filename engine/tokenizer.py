@@ -16,6 +16,7 @@ from tokenizers import Tokenizer
 
 from engine.errors import ChatTemplateError, InvalidRequestError, ModelNotFoundError
 from engine.request import GenerationRequest
+from engine.tools import Tool, system_prompt_section
 
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
@@ -54,6 +55,8 @@ class ChatTokenizer:
         if isinstance(source, list):  # several named templates: take the default one
             source = next((t["template"] for t in source if t.get("name") == "default"), None)
         self._template = None
+        # A template that mentions `tools` renders them itself; others get them in the system prompt.
+        self.renders_tools = bool(source) and "tools" in source
         if source:
             env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
             env.globals["raise_exception"] = _raise_exception
@@ -80,6 +83,8 @@ class ChatTokenizer:
         if request.raw:
             if request.prompt is None:
                 raise InvalidRequestError("raw=true takes a prompt, not messages: messages need the chat template")
+            if request.tools:
+                raise InvalidRequestError("raw=true sends the prompt as is: tools need the chat template")
             return request.prompt
         if self._template is None:
             raise ChatTemplateError("this model has no chat template; send the prompt with raw=true")
@@ -88,12 +93,18 @@ class ChatTokenizer:
             if request.prompt is not None
             else [{"role": m.role, "content": m.content} for m in request.messages]
         )
+        extra = {}
+        if request.tools and self.renders_tools:
+            extra["tools"] = [tool.template_form() for tool in request.tools]
+        elif request.tools:
+            messages = _with_tools_in_system_prompt(messages, request.tools)
         try:
             return self._template.render(
                 messages=messages,
                 add_generation_prompt=True,
                 bos_token=self.bos_token or "",
                 eos_token=self.eos_token or "",
+                **extra,
             )
         except jinja2.TemplateError as exc:
             raise ChatTemplateError(f"the chat template failed: {exc}") from exc
@@ -108,6 +119,15 @@ class ChatTokenizer:
 
     def token_id(self, token: str) -> int | None:
         return self._tokenizer.token_to_id(token)
+
+
+def _with_tools_in_system_prompt(messages: list[dict], tools: Sequence[Tool]) -> list[dict]:
+    """The tools section appended to the first system message, or as a new first system message."""
+    section = system_prompt_section(tools)
+    if messages and messages[0]["role"] == "system":
+        first = {**messages[0], "content": f"{messages[0]['content']}\n\n{section}"}
+        return [first, *messages[1:]]
+    return [{"role": "system", "content": section}, *messages]
 
 
 def _read_json(path: Path) -> dict:

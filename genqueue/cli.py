@@ -56,20 +56,40 @@ def model() -> None:
     type=click.Choice(["int8", "int8_float16", "int8_float32", "int8_bfloat16", "float16", "float32"]),
     help="int8 for CPU workers, int8_float16 for GPU workers.",
 )
-@click.option("--name", help="Directory name under the models directory (default: from the source).")
+@click.option(
+    "--name",
+    help="Directory name under the models directory (default: from the source); with --lora, "
+    "the variant's name, which requests give as `lora`.",
+)
 @click.option("--models-dir", help="Where prepared models live [env GENQUEUE_MODELS_DIR].")
 @click.option("--force", is_flag=True, help="Rebuild even if a model of that name is prepared.")
-def model_prepare(source, quantization, name, models_dir, force) -> None:
+@click.option(
+    "--lora",
+    "adapter_dir",
+    type=click.Path(exists=True, file_okay=False),
+    help="A PEFT LoRA adapter directory: merge it into the base model (--base) as the variant --name.",
+)
+@click.option("--base", help="With --lora: the prepared base model, a name or a path [env GENQUEUE_MODEL].")
+def model_prepare(source, quantization, name, models_dir, force, adapter_dir, base) -> None:
     """Convert SOURCE (a transformers Llama directory or a .gguf file; default: the bundled
-    SmolLM2-135M-Instruct) into a CTranslate2 model directory."""
+    SmolLM2-135M-Instruct) into a CTranslate2 model directory. With --lora, merge an adapter into a
+    prepared base model instead; its workers then serve requests whose `lora` is NAME."""
     from engine.errors import ModelPreparationError
-    from engine.prepare import prepare_model
+    from engine.prepare import prepare_lora, prepare_model
 
-    settings = export(models_dir=models_dir)
+    settings = export(models_dir=models_dir, model=base)
+    progress = lambda line: click.echo(line, err=True)  # noqa: E731
     try:
-        path = prepare_model(
-            source, settings["MODELS_DIR"], name, quantization, force, progress=lambda line: click.echo(line, err=True)
-        )
+        if adapter_dir:
+            if source:
+                raise click.UsageError("with --lora, give the base model with --base, not SOURCE")
+            if not name:
+                raise click.UsageError("--lora needs --name: the name requests will give as `lora`")
+            if click.get_current_context().get_parameter_source("quantization").name != "DEFAULT":
+                raise click.UsageError("with --lora, the variant takes its base model's quantization")
+            path = prepare_lora(config.model_path(settings), adapter_dir, name, force, progress=progress)
+        else:
+            path = prepare_model(source, settings["MODELS_DIR"], name, quantization, force, progress=progress)
     except ModelPreparationError as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(path)
@@ -251,7 +271,8 @@ def run(host, port, model) -> None:
         if not announced and ready(url):
             announced = True
             click.echo(
-                f"\ngenqueue is ready at {url}  (Ctrl-C stops it)\n\n"
+                f"\ngenqueue is ready at {url}  (Ctrl-C stops it)\n"
+                f"  playground: {url}/\n\n"
                 f"  curl -sN {url}/v1/jobs -H 'Content-Type: application/json' \\\n"
                 f'       -d \'{{"prompt": "What is the capital of France?", "stream": true}}\'\n'
             )

@@ -25,9 +25,9 @@ DEFAULTS: dict[str, Any] = {
     "JOB_TTL_S": 24 * 3600,
     # Longest ?wait= a GET may block for.
     "MAX_WAIT_S": 60,
-    # Longest a synchronous OpenAI-compatible request waits for its job before answering 504
-    # (the job goes on; read it at /v1/jobs/<id>).
-    "SYNC_TIMEOUT_S": 600,
+    # How long a synchronous request (the Workers AI-compatible endpoint, OpenAI-compatible calls
+    # without stream) waits for its job before answering 504 (the job goes on).
+    "SYNC_TIMEOUT_S": 300,
     # Seconds between SSE keep-alive comments on a stream with nothing to send.
     "SSE_KEEPALIVE_S": 15,
     # Queue a job goes to when the request does not name one.

@@ -2,7 +2,8 @@
 
 CTranslate2 never merges concurrent calls, so each job thread hands its prompt to the batcher and
 waits; one engine thread takes whatever is pending (up to max_batch_size, waiting gather_window_s for
-more), groups prompts whose sampling settings match, and runs each group as one generate_batch.
+more), groups prompts whose sampling settings and model variant (LoRA) match, and runs each group as
+one generate_batch of that variant's model.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from engine import EncodedPrompt, FinishReason, GenerationResult, Model, Usage
@@ -31,12 +32,12 @@ class BatchItem:
 class Batcher:
     def __init__(
         self,
-        model: Model,
+        models: Mapping[str | None, Model],
         max_batch_size: int = 8,
         gather_window_s: float = 0.005,
         on_batch: Callable[[int], None] = lambda _size: None,  # told each engine call's size (metrics)
     ):
-        self.model = model
+        self.models = dict(models)  # by LoRA variant name; None is the base model
         self.on_batch = on_batch
         self.max_batch_size = max(1, int(max_batch_size))
         self.gather_window_s = float(gather_window_s)
@@ -88,8 +89,9 @@ class Batcher:
         if not group:
             return
         self.on_batch(len(group))
+        model = self.models[group[0].prompt.request.options.lora]  # the batch key holds the variant
         try:
-            outcomes = self.model.generate_batch(
+            outcomes = model.generate_batch(
                 [item.prompt for item in group],
                 on_chunk=lambda i, text: group[i].on_chunk(text),
                 should_stop=lambda i: group[i].should_stop(),

@@ -40,8 +40,7 @@ def worker(worker_id: str) -> str:
 
 
 WORKER_PATTERN = f"{PREFIX}:worker:*"
-# A sorted set of worker ids scored by their last heartbeat (unix time), so readers find the workers
-# without scanning the keyspace; the heartbeat hashes themselves say which are still alive.
+# A sorted set of worker ids scored by the time their heartbeat expires: live workers without a SCAN.
 WORKERS = f"{PREFIX}:workers"
 
 

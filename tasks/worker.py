@@ -2,7 +2,7 @@
 
 The model is built after any fork (CTranslate2 and CUDA hang in a forked child): at worker start for
 the threads and solo pools, in each child for prefork. Jobs of all the worker's threads share it
-through one Batcher.
+through one Batcher. The LoRA variants recorded in the model's genqueue.json load next to it.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from typing import Any
 import redis
 from celery import signals
 
-from engine import EngineError, FinishReason, GenerationRequest, Model
+from engine import EngineError, FinishReason, GenerationRequest, Model, UnknownLoraError
+from engine.lora import variant_dirs
 from genqueue import config
 from tasks import keys
 from tasks.app import GENERATE_TASK, celery_app
@@ -40,16 +41,21 @@ class WorkerRuntime:
     def __init__(self, settings: Mapping[str, Any]):
         self.settings = settings
         self.store = JobStore.from_url(settings["REDIS_URL"], settings["JOB_TTL_S"])
-        self.model = Model(
-            config.model_path(settings),
-            device=settings["DEVICE"],
-            compute_type=settings["COMPUTE_TYPE"],
-            intra_threads=settings["INTRA_THREADS"],
-            inter_threads=settings["INTER_THREADS"],
-        )
+        engine_settings = {
+            "device": settings["DEVICE"],
+            "compute_type": settings["COMPUTE_TYPE"],
+            "intra_threads": settings["INTRA_THREADS"],
+            "inter_threads": settings["INTER_THREADS"],
+        }
+        model_dir = config.model_path(settings)
+        self.model = Model(model_dir, **engine_settings)
+        # Each LoRA variant is a whole merged model: memory grows by one model per variant.
+        self.models: dict[str | None, Model] = {None: self.model}
+        for name, path in variant_dirs(model_dir, self.model.metadata).items():
+            self.models[name] = Model(path, lora=name, **engine_settings)
         self.metrics = MetricsRecorder(self.store.redis)
         self.batcher = Batcher(
-            self.model, settings["MAX_BATCH_SIZE"], settings["GATHER_WINDOW_S"], self.metrics.engine_batch
+            self.models, settings["MAX_BATCH_SIZE"], settings["GATHER_WINDOW_S"], self.metrics.engine_batch
         )
         self.cancels = CancelWatcher(self.store.redis)
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
@@ -67,17 +73,28 @@ class WorkerRuntime:
             "model": self.model.name,
             "device": self.model.device,
             "compute_type": self.model.compute_type,
+            "loras": ",".join(name for name in self.models if name),
         }
         while True:
             try:
+                now = time.time()
                 with self.store.redis.pipeline() as pipe:
                     pipe.hset(keys.worker(self.worker_id), mapping={**fields, "running": len(self._active)})
                     pipe.expire(keys.worker(self.worker_id), HEARTBEAT_TTL_S)
-                    pipe.zadd(keys.WORKERS, {self.worker_id: time.time()})
+                    pipe.zadd(keys.WORKERS, {self.worker_id: now + HEARTBEAT_TTL_S})
+                    pipe.zremrangebyscore(keys.WORKERS, "-inf", now)  # workers that stopped beating
                     pipe.execute()
             except redis.RedisError as exc:
                 log.warning("heartbeat failed: %s", exc)
             time.sleep(HEARTBEAT_INTERVAL_S)
+
+    def model_for(self, request: GenerationRequest) -> Model:
+        """The base model, or the LoRA variant the request names."""
+        model = self.models.get(request.options.lora)
+        if model is None:
+            known = ", ".join(sorted(name for name in self.models if name)) or "none"
+            raise UnknownLoraError(f"unknown lora {request.options.lora!r}; this worker serves: {known}")
+        return model
 
     def run_job(self, job_id: str) -> str | None:
         """Run a delivered job. Returns 'busy' when another live worker holds it (look again later),
@@ -130,7 +147,7 @@ class WorkerRuntime:
 
         try:
             request = GenerationRequest.from_dict(record.request)
-            result = self.batcher.run(self.model.encode(request), on_chunk, should_stop)
+            result = self.batcher.run(self.model_for(request).encode(request), on_chunk, should_stop)
         except EngineError as exc:
             log.info("job %s: failed: %s", job_id, exc.code)
             if self.store.finish(job_id, seq + 1, JobState.FAILED, error={"code": exc.code, "message": str(exc)}):

@@ -9,18 +9,19 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import redis
 
-from tests.helpers import build_tiny_llama
+from tests.helpers import build_lora_adapter, build_tiny_llama
 
 REPO = Path(__file__).resolve().parent.parent
 MODELS_DIR = Path(os.environ.get("GENQUEUE_MODELS_DIR", REPO / "models"))
 REDIS_BASE_URL = os.environ.get("GENQUEUE_TEST_REDIS", "redis://127.0.0.1:6379")
 # Separate Redis databases keep the test workers apart from each other and from a running genqueue.
-TINY_DB, SMOL_DB, STORE_DB, E2E_DB = 15, 14, 13, 12
+TINY_DB, SMOL_DB, STORE_DB, E2E_DB, LORA_DB = 15, 14, 13, 12, 11
 WORKER_START_TIMEOUT_S = 120
 
 
@@ -30,7 +31,7 @@ def redis_url(db: int) -> str:
 
 @pytest.fixture(scope="session", autouse=True)
 def clean_redis():
-    for db in (TINY_DB, SMOL_DB, STORE_DB, E2E_DB):
+    for db in (TINY_DB, SMOL_DB, STORE_DB, E2E_DB, LORA_DB):
         try:
             redis.Redis.from_url(redis_url(db)).flushdb()
         except redis.ConnectionError as exc:
@@ -53,6 +54,30 @@ def tiny_dir(smollm2_dir, tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("tiny")
     hf_dir = build_tiny_llama(work / "hf", smollm2_dir)
     return prepare_model(hf_dir, work / "models", name="tiny", progress=lambda line: None)
+
+
+@dataclass(frozen=True)
+class LoraModels:
+    hf_dir: Path  # the base model, transformers
+    adapter_dir: Path  # a PEFT LoRA adapter for it
+    base_dir: Path  # the base, prepared (float32, so outputs compare exactly with transformers)
+    variant_dir: Path  # the adapter merged in, prepared as the base's variant LORA_NAME
+
+
+LORA_NAME = "demo"
+
+
+@pytest.fixture(scope="session")
+def lora_models(smollm2_dir, tmp_path_factory) -> LoraModels:
+    """A tiny Llama with spread-out logits, a random LoRA adapter, and both prepared as a base and its variant."""
+    from engine.prepare import prepare_lora, prepare_model
+
+    work = tmp_path_factory.mktemp("lora")
+    hf_dir = build_tiny_llama(work / "hf", smollm2_dir, seed=3, initializer_range=0.3)
+    adapter_dir = build_lora_adapter(work / "adapter", hf_dir)
+    base_dir = prepare_model(hf_dir, work / "models", name="base", quantization="float32", progress=lambda _: None)
+    variant_dir = prepare_lora(base_dir, adapter_dir, LORA_NAME, progress=lambda _: None)
+    return LoraModels(hf_dir, adapter_dir, base_dir, variant_dir)
 
 
 class WorkerProcess:
@@ -122,6 +147,19 @@ def make_client(db: int, **config):
 
     app = create_app({"TESTING": True, "REDIS_URL": redis_url(db), **config})
     return app.test_client()
+
+
+@pytest.fixture(scope="session")
+def lora_worker(lora_models):
+    """A worker on the float32 base model of lora_models, which loads its variant next to it."""
+    worker = WorkerProcess(lora_models.base_dir, LORA_DB, compute_type="float32", concurrency=4, max_batch_size=4)
+    yield worker
+    worker.stop()
+
+
+@pytest.fixture
+def lora_client(lora_worker):
+    return make_client(LORA_DB)
 
 
 @pytest.fixture

@@ -9,8 +9,9 @@ from pathlib import Path
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
 
 
-def build_tiny_llama(hf_dir: Path, tokenizer_source: Path, seed: int = 0) -> Path:
-    """Save a random 2-layer Llama (hidden 64, context 512) with the tokenizer files of another model."""
+def build_tiny_llama(hf_dir: Path, tokenizer_source: Path, seed: int = 0, initializer_range: float = 0.02) -> Path:
+    """Save a random 2-layer Llama (hidden 64, context 512) with the tokenizer files of another model.
+    A larger initializer_range spreads the logits, so greedy outputs vary more than one repeated token."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -26,6 +27,7 @@ def build_tiny_llama(hf_dir: Path, tokenizer_source: Path, seed: int = 0) -> Pat
         bos_token_id=1,
         eos_token_id=2,
         tie_word_embeddings=True,
+        initializer_range=initializer_range,
     )
     LlamaForCausalLM(config).save_pretrained(hf_dir)
     for name in TOKENIZER_FILES:
@@ -62,3 +64,18 @@ def wait_job(client, job_id: str, timeout_s: int = 60) -> dict:
     response = client.get(f"/v1/jobs/{job_id}?wait={timeout_s}")
     assert response.status_code == 200, response.json
     return response.json
+
+
+def build_lora_adapter(adapter_dir: Path, hf_dir: Path, seed: int = 1) -> Path:
+    """Save a PEFT LoRA adapter for the model at hf_dir with random (non-zero) weights, so merging it
+    changes the model's outputs."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"], init_lora_weights=False
+    )
+    get_peft_model(LlamaForCausalLM.from_pretrained(hf_dir), config).save_pretrained(adapter_dir)
+    return adapter_dir

@@ -125,3 +125,53 @@ def test_should_stop_cancels_one_prompt_alone(tiny):
 def test_a_missing_model_directory_is_a_clear_error(tmp_path):
     with pytest.raises(ModelNotFoundError, match="genqueue model prepare"):
         Model(tmp_path / "nothing-here")
+
+
+def test_every_sampling_setting_and_the_variant_are_in_the_batch_key():
+    base = SamplingOptions(temperature=0.7, top_p=0.9, top_k=5)
+    variants = [
+        SamplingOptions(temperature=0.8, top_p=0.9, top_k=5),
+        SamplingOptions(temperature=0.7, top_p=0.8, top_k=5),
+        SamplingOptions(temperature=0.7, top_p=0.9, top_k=6),
+        SamplingOptions(temperature=0.7, top_p=0.9, top_k=5, repetition_penalty=1.2),
+        SamplingOptions(temperature=0.7, top_p=0.9, top_k=5, lora="x"),
+    ]
+    assert all(v.batch_key() != base.batch_key() for v in variants)
+    assert SamplingOptions(temperature=0.7, top_p=0.9, top_k=5, max_tokens=3).batch_key() == base.batch_key()
+    # Greedy requests batch together whatever their temperature, but not across penalties or variants.
+    greedy = [SamplingOptions(temperature=0), SamplingOptions(top_k=1), SamplingOptions(top_p=0)]
+    assert len({g.batch_key() for g in greedy}) == 1
+    assert SamplingOptions(temperature=0, repetition_penalty=1.5).batch_key() != greedy[0].batch_key()
+    assert SamplingOptions(temperature=0, lora="x").batch_key() != greedy[0].batch_key()
+
+
+def test_sampling_arguments_map_each_option_to_ctranslate2():
+    from engine.model import sampling_arguments
+
+    assert sampling_arguments(SamplingOptions(temperature=0, repetition_penalty=1.3)) == {
+        "sampling_topk": 1,
+        "repetition_penalty": 1.3,
+    }
+    assert sampling_arguments(SamplingOptions(temperature=0.7, top_p=1.5, top_k=None)) == {
+        "sampling_topk": 0,
+        "sampling_temperature": 0.7,
+        "sampling_topp": 1.0,
+        "repetition_penalty": 1.0,
+    }
+
+
+def test_repetition_penalty_changes_the_greedy_output_as_ctranslate2_defines_it(tiny):
+    prompt = tiny.encode(GenerationRequest(prompt="hello", options=SamplingOptions(temperature=0, max_tokens=12)))
+    penalized = GenerationRequest(
+        prompt="hello", options=SamplingOptions(temperature=0, max_tokens=12, repetition_penalty=2)
+    )
+    direct = tiny._generator.generate_batch(
+        [list(prompt.tokens)],
+        max_length=12,
+        sampling_topk=1,
+        repetition_penalty=2.0,
+        include_prompt_in_result=False,
+        end_token=tiny.tokenizer.end_tokens,
+    )[0].sequences_ids[0]
+    assert tiny.generate(penalized).response == tiny.tokenizer.decode(direct)
+    assert tiny.generate(penalized).response != tiny.generate(prompt.request).response
