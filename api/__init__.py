@@ -26,13 +26,16 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     app.extensions["genqueue.store"] = JobStore.from_url(app.config["REDIS_URL"], app.config["JOB_TTL_S"])
     app.extensions["genqueue.celery"] = create_celery(app.config)
 
-    from api import auth, errors, health, jobs, openapi, playground, workers_ai
+    from api import auth, errors, health, jobs, metrics, openai, openapi, playground, request_id, workers_ai
 
     errors.register_error_handlers(app)
+    request_id.init_app(app)
     auth.init_app(app)
     app.register_blueprint(jobs.bp)
     app.register_blueprint(health.bp)
     app.register_blueprint(playground.bp)
     app.register_blueprint(workers_ai.bp)
     app.register_blueprint(openapi.bp)
+    app.register_blueprint(openai.bp)
+    metrics.init_app(app)
     return app

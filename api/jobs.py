@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from flask import Blueprint, Response, current_app, jsonify, request, url_for
 from marshmallow import ValidationError
 
+from api import request_id
 from api.auth import current_owner
 from api.errors import ApiError
 from api.openapi import document
@@ -18,6 +19,7 @@ from api.schemas import ErrorSchema, GenerationSchema, JobSchema
 from api.sse import job_event_stream
 from tasks import keys
 from tasks.app import enqueue
+from tasks.metrics import MetricsRecorder
 from tasks.states import JobState
 from tasks.store import JobRecord, JobStore
 
@@ -136,7 +138,8 @@ def submit(params: dict) -> JobRecord:
         if idempotency_key:  # nothing was queued: the same key may be tried again
             store().release_idempotency_key(owner, key_digest)
         raise
-    current_app.logger.info("job %s: queued on %s", job_id, queue)
+    MetricsRecorder(store().redis).job_submitted()
+    current_app.logger.info("job %s: queued on %s (request %s)", job_id, queue, request_id.current())
     return record
 
 
@@ -304,10 +307,12 @@ def stream_job(job_id: str):
 def cancel_job(job_id: str):
     """Cancel: a queued job never runs (200, cancelled); a running one stops within a few tokens and
     keeps its partial output (202, then cancelled); an ended job cannot be cancelled (409)."""
-    get_record(job_id)  # 404 for unknown jobs and other keys' jobs
+    before = get_record(job_id)  # 404 for unknown jobs and other keys' jobs
     status = store().cancel(job_id)
     if status is None:
         raise ApiError(404, "job_not_found", f"no job {job_id!r} (unknown, or expired)")
+    if status is JobState.CANCELLED and before.status is JobState.QUEUED:  # ended here; a worker counts the rest
+        MetricsRecorder(store().redis).job_ended(JobState.CANCELLED.value, before.created_at)
     if status in (JobState.SUCCEEDED, JobState.FAILED):
         raise ApiError(409, "job_already_ended", f"job {job_id!r} already {status.value}; nothing to cancel")
     current_app.logger.info("job %s: cancel requested (%s)", job_id, status.value)

@@ -13,6 +13,7 @@ import numbers
 from marshmallow import INCLUDE, Schema, ValidationError, fields, validate, validates_schema
 
 from engine.request import DEFAULT_MAX_TOKENS, DEFAULT_REPETITION_PENALTY, DEFAULT_TEMPERATURE
+from engine.stop import MAX_STOP_CHARS, MAX_STOP_SEQUENCES
 
 MAX_TEXT_CHARS = 131072  # prompt and message content, as in the source API
 MAX_TOKENS_LIMIT = 131072  # schema bound; the worker also checks prompt + max_tokens against the model
@@ -59,6 +60,20 @@ class StrictFloat(fields.Float):
         if not math.isfinite(value):
             raise ValidationError("Must be a finite number (not NaN or Infinity).")
         return float(value)
+
+
+class StopSequences(fields.Field):
+    """`stop`: one string or a list of up to MAX_STOP_SEQUENCES, each 1 to MAX_STOP_CHARS characters."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        stops = [value] if isinstance(value, str) else value
+        if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+            raise ValidationError("Must be a string or a list of strings.")
+        if len(stops) > MAX_STOP_SEQUENCES:
+            raise ValidationError(f"At most {MAX_STOP_SEQUENCES} stop sequences.")
+        if not all(1 <= len(s) <= MAX_STOP_CHARS for s in stops):
+            raise ValidationError(f"Each stop sequence must be 1 to {MAX_STOP_CHARS} characters.")
+        return stops
 
 
 def refuse(field: str):
@@ -195,6 +210,9 @@ class GenerationSchema(Schema):
     tools = fields.List(
         ToolField(),
         **doc("Tools, flat or as {type: function, function}; calls the model makes come back in tool_calls."),
+    )
+    stop = StopSequences(
+        **doc("One string or up to 4: generation ends at the first occurrence, left out of the response.")
     )
 
     @validates_schema

@@ -15,6 +15,7 @@ import ctranslate2
 from engine.detokenize import IncrementalDetokenizer
 from engine.errors import ContextLengthExceededError, InvalidRequestError, ModelNotFoundError
 from engine.request import FinishReason, GenerationRequest, GenerationResult, SamplingOptions, Usage
+from engine.stop import StopMatcher
 from engine.tokenizer import ChatTokenizer
 from engine.tools import parse_tool_calls
 
@@ -42,6 +43,7 @@ class EncodedPrompt:
 class _ItemState:
     prompt: EncodedPrompt
     detokenizer: IncrementalDetokenizer
+    stops: StopMatcher
     completion_tokens: int = 0
     finish_reason: FinishReason | None = None
     error: BaseException | None = None
@@ -130,13 +132,17 @@ class Model:
         options = [p.request.options for p in prompts]
         if len({o.batch_key() for o in options}) != 1:
             raise InvalidRequestError("prompts batched together must share their sampling settings")
-        states = [_ItemState(p, IncrementalDetokenizer(self.tokenizer.decode)) for p in prompts]
+        states = [
+            _ItemState(p, IncrementalDetokenizer(self.tokenizer.decode), StopMatcher(p.request.options.stop))
+            for p in prompts
+        ]
         # The callbacks must not reference self: CTranslate2 drops the callback in its own thread after
         # the call, and if that dropped the last reference to this Model, its Generator would be
         # destroyed from the thread it has to join ("Resource deadlock avoided": abort).
         end_tokens = self._end_tokens
 
-        def emit(state: _ItemState, index: int, text: str) -> None:
+        def emit(state: _ItemState, index: int, text: str, final: bool = False) -> None:
+            text = state.stops.feed(text, final)  # holds back what may begin a stop string, until final
             if text:
                 state.chunks.append(text)
                 if on_chunk is not None:
@@ -152,7 +158,9 @@ class Model:
                     return True
                 state.completion_tokens += 1
                 emit(state, step.batch_id, state.detokenizer.add(step.token_id))
-                if state.completion_tokens >= state.prompt.request.options.max_tokens:
+                if state.stops.matched is not None:
+                    state.finish_reason = FinishReason.STOP
+                elif state.completion_tokens >= state.prompt.request.options.max_tokens:
                     state.finish_reason = FinishReason.LENGTH
                 elif should_stop is not None and should_stop(step.batch_id):
                     state.finish_reason = FinishReason.CANCELLED
@@ -177,7 +185,9 @@ class Model:
         for index, state in enumerate(states):
             if state.error is None:
                 try:
-                    emit(state, index, state.detokenizer.flush())
+                    emit(state, index, state.detokenizer.flush(), final=True)
+                    if state.stops.matched is not None:
+                        state.finish_reason = FinishReason.STOP
                 except BaseException as exc:
                     state.error = exc
             if state.error is not None:

@@ -10,6 +10,7 @@ import enum
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from engine.stop import check_stop_sequences
 from engine.tools import Tool, tools_from_request
 
 DEFAULT_MAX_TOKENS = 256
@@ -39,6 +40,13 @@ class SamplingOptions:
     top_k: int | None = None  # None: no top-k limit
     repetition_penalty: float = DEFAULT_REPETITION_PENALTY  # CTranslate2's: > 1 penalizes tokens already generated
     lora: str | None = None  # a merged LoRA variant of the worker's model (see engine/lora.py); None: the base
+    # Generation ends at the first of these strings, which the response leaves out. Applied per
+    # prompt by the engine, so it does not split batches (batch_key leaves it out).
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        stop = (self.stop,) if isinstance(self.stop, str) else self.stop
+        object.__setattr__(self, "stop", check_stop_sequences(stop))
 
     @property
     def greedy(self) -> bool:

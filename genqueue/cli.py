@@ -137,9 +137,17 @@ def keys_create(name) -> None:
 @main.command()
 @click.option("--host", help="Address to bind [env GENQUEUE_HOST, default 127.0.0.1].")
 @click.option("--port", type=int, help="Port [env GENQUEUE_PORT, default 8000].")
-@click.option("--threads", default=64, show_default=True, help="Concurrent requests (each SSE stream holds one).")
-def api(host, port, threads) -> None:
-    """Serve the HTTP API under gunicorn."""
+@click.option(
+    "--workers", default=1, show_default=True, help="gunicorn processes (all share Redis; any serves any job)."
+)
+@click.option(
+    "--threads", default=64, show_default=True, help="Concurrent requests per process (an SSE stream holds one)."
+)
+def api(host, port, workers, threads) -> None:
+    """Serve the HTTP API under gunicorn.
+
+    gthread workers: a stream blocks on Redis in its own thread while the process keeps answering
+    gunicorn's heartbeat, so streams of any length are never cut by gunicorn's --timeout."""
     settings = export(host=host, port=port)
     from api.auth import load_keys
 
@@ -164,7 +172,7 @@ def api(host, port, threads) -> None:
             "--worker-class",
             "gthread",
             "--workers",
-            "1",
+            str(workers),
             "--threads",
             str(threads),
             "--graceful-timeout",
@@ -191,7 +199,8 @@ def api(host, port, threads) -> None:
 @click.option("--max-batch-size", type=int, help="Jobs one engine call may batch [env GENQUEUE_MAX_BATCH_SIZE].")
 @click.option("--intra-threads", type=int, help="CPU threads per engine call, 0 for automatic.")
 @click.option("--loglevel", default="INFO", show_default=True)
-def worker(queues, device, compute_type, model, concurrency, max_batch_size, intra_threads, loglevel) -> None:
+@click.option("--events", is_flag=True, help="Send Celery task events (for Flower's task views).")
+def worker(queues, device, compute_type, model, concurrency, max_batch_size, intra_threads, loglevel, events) -> None:
     """Run a worker: one model in this process, serving its queue's jobs in batches."""
     settings = export(
         device=device,
@@ -220,6 +229,7 @@ def worker(queues, device, compute_type, model, concurrency, max_batch_size, int
             loglevel,
             "--without-gossip",
             "--without-mingle",
+            *(["--task-events"] if events else []),
         ]
     )
 
@@ -315,6 +325,97 @@ def ensure_redis(redis_url: str) -> None:
         except redis.RedisError:
             time.sleep(0.1)
     raise click.ClickException(f"started redis-server, but {redis_url} still does not answer")
+
+
+# -- client commands -----------------------------------------------------------------------------
+
+
+def client_options(command):
+    """--api-url and --api-key, for the commands that talk to the HTTP API."""
+    command = click.option("--api-key", help="API key, when the API requires one [env GENQUEUE_API_KEY].")(command)
+    url_help = "The genqueue API [env GENQUEUE_API_URL, default http://127.0.0.1:8000]."
+    return click.option("--api-url", help=url_help)(command)
+
+
+def jobs_client(api_url: str | None, api_key: str | None):
+    from genqueue.client import JobsClient
+
+    settings = export(api_url=api_url, api_key=api_key)
+    return JobsClient(settings["API_URL"], settings["API_KEY"])
+
+
+@main.command()
+@click.argument("prompt")
+@click.option("--stream", is_flag=True, help="Print the text as it is generated (Server-Sent Events).")
+@click.option("--max-tokens", type=int, help="Tokens to generate at most [API default 256].")
+@click.option("--temperature", type=float, help="0 is greedy [API default 0.6].")
+@click.option("--top-p", type=float)
+@click.option("--top-k", type=int)
+@click.option("--stop", multiple=True, help="End at this string, left out of the text (repeatable, up to 4).")
+@click.option("--raw", is_flag=True, help="Send the prompt as is, without the chat template.")
+@click.option("--detach", is_flag=True, help="Print the job id and return at once.")
+@client_options
+def submit(prompt, stream, max_tokens, temperature, top_p, top_k, stop, raw, detach, api_url, api_key) -> None:
+    """Submit PROMPT ('-' reads it from standard input) and print the generated text.
+
+    The job id goes to standard error, the text to standard output."""
+    from genqueue.client import ApiClientError
+
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    body = {"prompt": prompt, "raw": raw}
+    options = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k}
+    body.update({name: value for name, value in options.items() if value is not None})
+    if stop:
+        body["stop"] = list(stop)
+    client = jobs_client(api_url, api_key)
+    try:
+        if stream and not detach:
+            stream_job(client, body)
+            return
+        job = client.submit(body)
+        click.echo(f"job {job['id']}", err=True)
+        if detach:
+            click.echo(job["id"])
+            return
+        job = client.wait(job["id"])
+    except ApiClientError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if job["status"] != "succeeded":
+        raise click.ClickException(f"job {job['id']} {job['status']}: {json.dumps(job['error'])}")
+    click.echo(job["result"]["response"])
+
+
+def stream_job(client, body: dict) -> None:
+    for event, data in client.stream(body):
+        if event == "job":
+            click.echo(f"job {data['id']}", err=True)
+        elif event == "error":
+            click.echo()
+            raise click.ClickException(f"job failed: {json.dumps(data['error'])}")
+        elif data.get("response"):
+            sys.stdout.write(data["response"])
+            sys.stdout.flush()  # each piece as it arrives, not when a buffer fills
+    click.echo()
+
+
+@main.group()
+def job() -> None:
+    """Read jobs through the HTTP API."""
+
+
+@job.command("get")
+@click.argument("job_id")
+@click.option("--wait", "wait_s", type=float, default=0, help="Wait up to this many seconds (0 to 60) for the end.")
+@client_options
+def job_get(job_id, wait_s, api_url, api_key) -> None:
+    """Print the job JOB_ID as JSON: status, timestamps, result or error."""
+    from genqueue.client import ApiClientError
+
+    try:
+        click.echo(json.dumps(jobs_client(api_url, api_key).get(job_id, wait_s), indent=2, ensure_ascii=False))
+    except ApiClientError as exc:
+        raise click.ClickException(str(exc)) from exc
 
 
 if __name__ == "__main__":

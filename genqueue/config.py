@@ -25,7 +25,8 @@ DEFAULTS: dict[str, Any] = {
     "JOB_TTL_S": 24 * 3600,
     # Longest ?wait= a GET may block for.
     "MAX_WAIT_S": 60,
-    # How long the Workers AI-compatible endpoint waits for a job before answering 504 (the job goes on).
+    # How long a synchronous request (the Workers AI-compatible endpoint, OpenAI-compatible calls
+    # without stream) waits for its job before answering 504 (the job goes on).
     "SYNC_TIMEOUT_S": 300,
     # Seconds between SSE keep-alive comments on a stream with nothing to send.
     "SSE_KEEPALIVE_S": 15,
@@ -63,6 +64,10 @@ DEFAULTS: dict[str, Any] = {
     "API_KEYS": None,
     "API_KEYS_FILE": None,
     "OPEN_API_ANY_HOST": False,
+    # Where the client commands (genqueue submit, genqueue job) find the API.
+    "API_URL": "http://127.0.0.1:8000",
+    # The key they send, when the API requires keys (a key itself, not its hash).
+    "API_KEY": None,
 }
 
 QUEUES = ("cpu", "gpu")

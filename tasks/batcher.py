@@ -30,8 +30,15 @@ class BatchItem:
 
 
 class Batcher:
-    def __init__(self, models: Mapping[str | None, Model], max_batch_size: int = 8, gather_window_s: float = 0.005):
+    def __init__(
+        self,
+        models: Mapping[str | None, Model],
+        max_batch_size: int = 8,
+        gather_window_s: float = 0.005,
+        on_batch: Callable[[int], None] = lambda _size: None,  # told each engine call's size (metrics)
+    ):
         self.models = dict(models)  # by LoRA variant name; None is the base model
+        self.on_batch = on_batch
         self.max_batch_size = max(1, int(max_batch_size))
         self.gather_window_s = float(gather_window_s)
         self._pending: queue.Queue[BatchItem] = queue.Queue()
@@ -81,6 +88,7 @@ class Batcher:
             item.done.set()
         if not group:
             return
+        self.on_batch(len(group))
         model = self.models[group[0].prompt.request.options.lora]  # the batch key holds the variant
         try:
             outcomes = model.generate_batch(

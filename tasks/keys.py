@@ -42,3 +42,11 @@ def worker(worker_id: str) -> str:
 WORKER_PATTERN = f"{PREFIX}:worker:*"
 # A sorted set of worker ids scored by the time their heartbeat expires: live workers without a SCAN.
 WORKERS = f"{PREFIX}:workers"
+
+
+# Metrics (tasks/metrics.py): one hash of counters, one hash per histogram. Cumulative, never expire.
+METRICS_COUNTERS = f"{PREFIX}:metrics:counters"
+
+
+def metrics_histogram(name: str) -> str:
+    return f"{PREFIX}:metrics:histogram:{name}"

@@ -25,6 +25,7 @@ from tasks import keys
 from tasks.app import GENERATE_TASK, celery_app
 from tasks.batcher import Batcher
 from tasks.cancel import CANCEL_POLL_S, CancelWatcher
+from tasks.metrics import MetricsRecorder
 from tasks.states import JobState
 from tasks.store import JobRecord, JobStore
 
@@ -52,7 +53,10 @@ class WorkerRuntime:
         self.models: dict[str | None, Model] = {None: self.model}
         for name, path in variant_dirs(model_dir, self.model.metadata).items():
             self.models[name] = Model(path, lora=name, **engine_settings)
-        self.batcher = Batcher(self.models, settings["MAX_BATCH_SIZE"], settings["GATHER_WINDOW_S"])
+        self.metrics = MetricsRecorder(self.store.redis)
+        self.batcher = Batcher(
+            self.models, settings["MAX_BATCH_SIZE"], settings["GATHER_WINDOW_S"], self.metrics.engine_batch
+        )
         self.cancels = CancelWatcher(self.store.redis)
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
         self._active: set[str] = set()  # jobs this process is running now
@@ -75,7 +79,7 @@ class WorkerRuntime:
             try:
                 now = time.time()
                 with self.store.redis.pipeline() as pipe:
-                    pipe.hset(keys.worker(self.worker_id), mapping=fields)
+                    pipe.hset(keys.worker(self.worker_id), mapping={**fields, "running": len(self._active)})
                     pipe.expire(keys.worker(self.worker_id), HEARTBEAT_TTL_S)
                     pipe.zadd(keys.WORKERS, {self.worker_id: now + HEARTBEAT_TTL_S})
                     pipe.zremrangebyscore(keys.WORKERS, "-inf", now)  # workers that stopped beating
@@ -107,6 +111,7 @@ class WorkerRuntime:
                 return claim
             record = self.store.get(job_id)
             log.info("job %s: running (attempt %d)", job_id, record.attempts)
+            self.metrics.job_started(record.created_at)
             self.cancels.watch(job_id)
             try:
                 self._generate(job_id, record)
@@ -127,6 +132,8 @@ class WorkerRuntime:
         def on_chunk(text: str) -> None:
             nonlocal seq
             seq += 1
+            if seq == 1:
+                self.metrics.first_text(record.created_at)
             self.store.append_chunk(job_id, seq, text)
 
         def should_stop() -> bool:
@@ -143,21 +150,25 @@ class WorkerRuntime:
             result = self.batcher.run(self.model_for(request).encode(request), on_chunk, should_stop)
         except EngineError as exc:
             log.info("job %s: failed: %s", job_id, exc.code)
-            self.store.finish(job_id, seq + 1, JobState.FAILED, error={"code": exc.code, "message": str(exc)})
+            if self.store.finish(job_id, seq + 1, JobState.FAILED, error={"code": exc.code, "message": str(exc)}):
+                self.metrics.job_ended(JobState.FAILED.value, record.created_at)
             return
         except (ValueError, KeyError, TypeError) as exc:  # a stored request this version cannot read
             log.exception("job %s: unreadable request", job_id)
             error = {"code": "invalid_request", "message": str(exc)}
-            self.store.finish(job_id, seq + 1, JobState.FAILED, error=error)
+            if self.store.finish(job_id, seq + 1, JobState.FAILED, error=error):
+                self.metrics.job_ended(JobState.FAILED.value, record.created_at)
             return
         if timed_out and not cancelled:
             limit = self.settings["JOB_TIME_LIMIT_S"]
             error = {"code": "time_limit_exceeded", "message": f"the job ran over its time limit of {limit}s"}
-            self.store.finish(job_id, seq + 1, JobState.FAILED, result=result.to_dict(), error=error)
+            if self.store.finish(job_id, seq + 1, JobState.FAILED, result=result.to_dict(), error=error):
+                self.metrics.job_ended(JobState.FAILED.value, record.created_at, result.usage.to_dict())
             log.info("job %s: failed: time limit", job_id)
             return
         status = JobState.CANCELLED if result.finish_reason is FinishReason.CANCELLED else JobState.SUCCEEDED
-        self.store.finish(job_id, seq + 1, status, result=result.to_dict())
+        if self.store.finish(job_id, seq + 1, status, result=result.to_dict()):
+            self.metrics.job_ended(status.value, record.created_at, result.usage.to_dict())
         log.info("job %s: %s (%d tokens)", job_id, status.value, result.usage.completion_tokens)
 
 

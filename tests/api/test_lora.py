@@ -64,3 +64,15 @@ def test_an_unknown_lora_is_a_400_listing_the_known_ones(lora_client):
 def test_the_worker_announces_its_variants(lora_client):
     workers = lora_client.get("/readyz").json["workers"]
     assert [w["loras"] for w in workers] == [LORA_NAME]
+
+
+def test_the_openai_model_list_names_the_variant_and_selecting_it_runs_the_lora(lora_client):
+    models = [m["id"] for m in lora_client.get("/v1/models").json["data"]]
+    base = lora_client.get("/readyz").json["workers"][0]["model"]
+    assert models == [base, f"{base}:{LORA_NAME}"]
+    for model, lora in ((base, None), (f"{base}:{LORA_NAME}", LORA_NAME)):
+        body = {"model": model, "messages": [{"role": "user", "content": PROMPT}], "temperature": 0}
+        answer = lora_client.post("/v1/chat/completions", json={**body, "max_tokens": TOKENS})
+        assert answer.status_code == 200, answer.json
+        native = generate(lora_client, **({"lora": lora} if lora else {}))
+        assert answer.json["choices"][0]["message"]["content"] == native["response"], model

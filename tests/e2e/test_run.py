@@ -102,6 +102,23 @@ def test_a_live_stream_arrives_chunk_by_chunk(stack):
     assert arrivals[-1] - arrivals[0] > 0.5
 
 
+def test_the_openai_client_streams_and_metrics_count_it_under_gunicorn(stack):
+    import openai
+
+    url, _process, _log = stack
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+    [model] = [m.id for m in client.models.list().data]
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    stream = client.chat.completions.create(model=model, messages=question, temperature=0, stream=True)
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+    assert "Paris" in text
+    with http("GET", f"{url}/metrics") as r:
+        metrics = r.read().decode()
+    assert r.headers["X-Request-Id"]
+    succeeded = next(line for line in metrics.splitlines() if line.startswith('genqueue_jobs_total{state="succeeded"}'))
+    assert float(succeeded.split()[-1]) >= 1
+
+
 def test_ctrl_c_stops_everything_it_started(stack):
     _url, process, log = stack
     children = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
