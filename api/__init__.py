@@ -25,10 +25,11 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     app.extensions["genqueue.store"] = JobStore.from_url(app.config["REDIS_URL"], app.config["JOB_TTL_S"])
     app.extensions["genqueue.celery"] = create_celery(app.config)
 
-    from api import auth, errors, health, jobs
+    from api import auth, batches, errors, health, jobs
 
     errors.register_error_handlers(app)
     auth.init_app(app)
     app.register_blueprint(jobs.bp)
     app.register_blueprint(health.bp)
+    batches.init_app(app)
     return app

@@ -183,7 +183,7 @@ def worker(queues, device, compute_type, model, concurrency, max_batch_size, int
         queues=list(queues) if queues else None,
     )
     queues = settings.get("QUEUES") or [settings["DEFAULT_QUEUE"]]
-    from tasks.app import celery_app
+    from tasks.app import celery_app, consumed_queues
 
     # Threads, not prefork: one model copy serves all of the worker's jobs, and nothing forks after
     # CTranslate2 starts.
@@ -195,7 +195,7 @@ def worker(queues, device, compute_type, model, concurrency, max_batch_size, int
             "--concurrency",
             str(settings["CONCURRENCY"]),
             "--queues",
-            ",".join(queues),
+            ",".join(consumed_queues(queues)),  # each queue's batch items after all interactive jobs
             "--loglevel",
             loglevel,
             "--without-gossip",

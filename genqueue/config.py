@@ -40,6 +40,17 @@ DEFAULTS: dict[str, Any] = {
     "MAX_BATCH_SIZE": 8,
     # Worker: how long the batcher waits for more jobs to join a batch (seconds).
     "GATHER_WINDOW_S": 0.005,
+    # Broker: seconds before a job taken by a worker that died (unacknowledged) is delivered again; keep
+    # it longer than the longest job, or a job still running is handed to a second worker.
+    "VISIBILITY_TIMEOUT_S": 3600,
+    # Batches: most requests and bytes one batch may hold (beyond them: 413), and how long a batch, its
+    # results and its queued items are kept, counted from its last change.
+    "BATCH_MAX_ITEMS": 50_000,
+    "BATCH_MAX_BYTES": 200 * 1024 * 1024,
+    "BATCH_TTL_S": 7 * 24 * 3600,
+    # Client commands (genqueue batch ...): the API's address (None: http://HOST:PORT) and the key to send.
+    "API_URL": None,
+    "API_KEY": None,
     # API server.
     "HOST": "127.0.0.1",
     "PORT": 8000,
