@@ -20,6 +20,7 @@ MODELS_DIR = Path(os.environ.get("GENQUEUE_MODELS_DIR", REPO / "models"))
 REDIS_BASE_URL = os.environ.get("GENQUEUE_TEST_REDIS", "redis://127.0.0.1:6379")
 # Separate Redis databases keep the test workers apart from each other and from a running genqueue.
 TINY_DB, SMOL_DB, STORE_DB, E2E_DB = 15, 14, 13, 12
+BATCH_DB = 10  # workers that tests kill or start alone (tests/api/test_batch_recovery.py)
 WORKER_START_TIMEOUT_S = 120
 
 
@@ -29,7 +30,7 @@ def redis_url(db: int) -> str:
 
 @pytest.fixture(scope="session", autouse=True)
 def clean_redis():
-    for db in (TINY_DB, SMOL_DB, STORE_DB, E2E_DB):
+    for db in (TINY_DB, SMOL_DB, STORE_DB, E2E_DB, BATCH_DB):
         try:
             redis.Redis.from_url(redis_url(db)).flushdb()
         except redis.ConnectionError as exc:
