@@ -21,6 +21,7 @@ from urllib.parse import urlparse
 import click
 
 from genqueue import config
+from genqueue.batch_cli import batch
 
 READY_TIMEOUT_S = 300
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -295,6 +296,8 @@ def ensure_redis(redis_url: str) -> None:
             time.sleep(0.1)
     raise click.ClickException(f"started redis-server, but {redis_url} still does not answer")
 
+
+main.add_command(batch)
 
 if __name__ == "__main__":
     main()
