@@ -72,7 +72,9 @@ celery_app = create_celery()
 
 
 def enqueue(app: Celery, job_id: str, queue: str) -> None:
-    app.send_task(GENERATE_TASK, args=[job_id], queue=queue)
+    # ignore_result: the API does not know the task, so send_task would otherwise subscribe to its
+    # result in the backend, a round trip per job for a result that is never stored.
+    app.send_task(GENERATE_TASK, args=[job_id], queue=queue, ignore_result=True)
 
 
 def enqueue_many(app: Celery, job_ids: Iterable[str], queue: str) -> int:
