@@ -16,9 +16,10 @@ from typing import IO, Any
 
 from flask import Blueprint, Flask, Response, current_app, jsonify, request, url_for
 from marshmallow import ValidationError
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from api.auth import current_owner
-from api.errors import ApiError
+from api.errors import ApiError, error_response
 from api.jobs import iso, json_body
 from api.schemas import GenerationSchema
 from tasks.batches import WRITE_CHUNK, BatchItem, BatchRecord, BatchStore
@@ -95,6 +96,14 @@ def get_record(batch_id: str) -> BatchRecord:
 
 def too_large(what: str) -> ApiError:
     return ApiError(413, "batch_too_large", what)
+
+
+@bp.errorhandler(RequestEntityTooLarge)
+def _body_too_large(_exc: RequestEntityTooLarge):
+    """werkzeug stops a chunked body at request.max_content_length: the same answer as our own count."""
+    max_bytes = current_app.config["BATCH_MAX_BYTES"]
+    error = too_large(f"the batch is larger than {max_bytes} bytes (GENQUEUE_BATCH_MAX_BYTES)")
+    return error_response(error.status, error.code, error.message)
 
 
 def jsonl_lines(stream: IO[bytes], max_bytes: int) -> Iterator[tuple[int, bytes]]:

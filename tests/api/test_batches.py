@@ -164,7 +164,7 @@ def test_limits_on_items_and_bytes_answer_413(tiny_worker):
         content_type="application/jsonl",
         environ_overrides={"wsgi.input_terminated": True},
     )
-    assert response.status_code == 413, response.json
+    assert response.status_code == 413 and response.json["error"]["code"] == "batch_too_large"
     assert batch_keys(client) == before
     assert post_batch(client, [{"prompt": "a", "max_tokens": 1}] * 3)["request_counts"]["total"] == 3
 
