@@ -10,7 +10,7 @@ import pytest
 
 from api.auth import hash_key
 from tasks import keys
-from tasks.app import batch_queue
+from tasks.app import batch_queue, enqueue_many
 from tests.conftest import STORE_DB, TINY_DB, make_client
 from tests.helpers import wait_job
 
@@ -238,15 +238,21 @@ def test_interactive_jobs_take_the_next_free_slot_ahead_of_a_running_batch(clien
     while client.get(f"/v1/batches/{batch_id}").json["request_counts"]["completed"] < 8:
         assert time.monotonic() < deadline
         time.sleep(0.02)
+    # Twelve interactive jobs arrive at once: written and published in one pipelined round trip each.
+    store = client.application.extensions["genqueue.store"]
+    jobs = [f"now-{batch_id}-{i}" for i in range(12)]
+    with store.redis.pipeline() as pipe:
+        for i, job_id in enumerate(jobs):
+            store.create(job_id, {"prompt": f"Now {i}", "max_tokens": 5}, "cpu", pipe=pipe)
+        pipe.execute()
     submitted_at = time.time()
-    jobs = [client.post("/v1/jobs", json={"prompt": f"Now {i}", "max_tokens": 5}).json["id"] for i in range(6)]
+    enqueue_many(client.application.extensions["genqueue.celery"], jobs, "cpu")
     finished = [wait_job(client, job_id) for job_id in jobs]
     assert all(job["status"] == "succeeded" for job in finished)
     last_start = max(started_at(client, job_id) for job_id in jobs)
-    store = client.application.extensions["genqueue.store"]
     redis = store.redis
-    # Batch items that started while the interactive jobs waited: at most those already taken from
-    # the queue when the jobs arrived (one per slot), never a stream of further batch items.
+    # Batch items that started while interactive jobs waited can only be those a slot had already
+    # taken from the queue when the jobs arrived (at most one per slot), never further batch items.
     overtaking = 0
     for index in range(300):
         start = store.get(f"{batch_id}-{index}").started_at
