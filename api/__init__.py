@@ -26,7 +26,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     app.extensions["genqueue.store"] = JobStore.from_url(app.config["REDIS_URL"], app.config["JOB_TTL_S"])
     app.extensions["genqueue.celery"] = create_celery(app.config)
 
-    from api import auth, errors, health, jobs, metrics, openai, openapi, playground, request_id, workers_ai
+    from api import auth, batches, errors, health, jobs, metrics, openai, openapi, playground, request_id, workers_ai
 
     errors.register_error_handlers(app)
     request_id.init_app(app)
@@ -38,4 +38,5 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     app.register_blueprint(openapi.bp)
     app.register_blueprint(openai.bp)
     metrics.init_app(app)
+    batches.init_app(app)
     return app

@@ -21,6 +21,7 @@ from urllib.parse import urlparse
 import click
 
 from genqueue import config
+from genqueue.batch_cli import batch
 
 READY_TIMEOUT_S = 300
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -212,7 +213,7 @@ def worker(queues, device, compute_type, model, concurrency, max_batch_size, int
         queues=list(queues) if queues else None,
     )
     queues = settings.get("QUEUES") or [settings["DEFAULT_QUEUE"]]
-    from tasks.app import celery_app
+    from tasks.app import celery_app, consumed_queues
 
     # Threads, not prefork: one model copy serves all of the worker's jobs, and nothing forks after
     # CTranslate2 starts.
@@ -224,7 +225,7 @@ def worker(queues, device, compute_type, model, concurrency, max_batch_size, int
             "--concurrency",
             str(settings["CONCURRENCY"]),
             "--queues",
-            ",".join(queues),
+            ",".join(consumed_queues(queues)),  # each queue's batch items after all interactive jobs
             "--loglevel",
             loglevel,
             "--without-gossip",
@@ -417,6 +418,8 @@ def job_get(job_id, wait_s, api_url, api_key) -> None:
     except ApiClientError as exc:
         raise click.ClickException(str(exc)) from exc
 
+
+main.add_command(batch)
 
 if __name__ == "__main__":
     main()

@@ -56,6 +56,11 @@ DEFAULTS: dict[str, Any] = {
     "VISIBILITY_TIMEOUT_S": 1800,
     # How often each worker looks for such jobs to deliver again (seconds).
     "REDELIVERY_CHECK_S": 10,
+    # Batches: most requests and bytes one batch may hold (beyond them: 413), and how long a batch, its
+    # results and its queued items are kept, counted from its last change.
+    "BATCH_MAX_ITEMS": 50_000,
+    "BATCH_MAX_BYTES": 200 * 1024 * 1024,
+    "BATCH_TTL_S": 7 * 24 * 3600,
     # API server.
     "HOST": "127.0.0.1",
     "PORT": 8000,

@@ -13,3 +13,17 @@ class JobState(enum.StrEnum):
     @property
     def terminal(self) -> bool:
         return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+
+
+class BatchState(enum.StrEnum):
+    VALIDATING = "validating"  # the API is checking the requests and queueing their items
+    IN_PROGRESS = "in_progress"
+    FINALIZING = "finalizing"  # every item has been taken by a worker; the last ones are running
+    COMPLETED = "completed"
+    FAILED = "failed"  # the items could not be queued
+    CANCELLING = "cancelling"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (BatchState.COMPLETED, BatchState.FAILED, BatchState.CANCELLED)

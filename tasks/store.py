@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,10 +25,57 @@ CHUNK = "chunk"
 END = "end"
 TERMINAL_STATES = [s.value for s in JobState if s.terminal]
 
+# Lua shared by the scripts below: the batch side of a batch item's state changes (tasks/batches.py).
+# An item's job hash names its batch's keys (batch_key, batch_results_key), so every path that starts
+# or ends a job keeps its batch's counts in the same atomic step, and a job that cannot end twice
+# cannot be counted twice. Nothing happens for a job outside a batch, or whose batch has expired.
+_BATCH_HOOKS = """
+local function batch_item_started(job_key)
+  local batch_key = redis.call('HGET', job_key, 'batch_key')
+  if not batch_key or redis.call('EXISTS', batch_key) == 0 then return end
+  local started = redis.call('HINCRBY', batch_key, 'started', 1)
+  local b = redis.call('HMGET', batch_key, 'total', 'status')
+  if b[2] == 'in_progress' and b[1] and started >= tonumber(b[1]) then
+    redis.call('HSET', batch_key, 'status', 'finalizing', 'finalizing_at', redis.call('HGET', job_key, 'started_at'))
+  end
+end
+
+local function batch_item_ended(job_key, status, event)
+  local item = redis.call('HMGET', job_key, 'batch_key', 'batch_results_key', 'batch_index', 'batch_custom_id',
+                          'finished_at')
+  if not item[1] or redis.call('EXISTS', item[1]) == 0 then return end
+  if event == '' then event = cjson.encode({type = 'end', status = status}) end
+  local line = '{"custom_id":' .. item[4] .. ',"index":' .. item[3] .. ',"end":' .. event .. '}'
+  redis.call('HSET', item[2], item[3], line)
+  local counter = 'failed'
+  if status == 'succeeded' then counter = 'completed' elseif status == 'cancelled' then counter = 'cancelled' end
+  redis.call('HINCRBY', item[1], counter, 1)
+  local ok, ended = pcall(cjson.decode, event)
+  if ok and type(ended.result) == 'table' and type(ended.result.usage) == 'table' then
+    redis.call('HINCRBY', item[1], 'prompt_tokens', tonumber(ended.result.usage.prompt_tokens) or 0)
+    redis.call('HINCRBY', item[1], 'completion_tokens', tonumber(ended.result.usage.completion_tokens) or 0)
+  end
+  local b = redis.call('HMGET', item[1], 'total', 'completed', 'failed', 'cancelled', 'status', 'ttl_s')
+  if b[1] and tonumber(b[2] or 0) + tonumber(b[3] or 0) + tonumber(b[4] or 0) >= tonumber(b[1]) then
+    if b[5] == 'validating' or b[5] == 'in_progress' or b[5] == 'finalizing' then
+      redis.call('HSET', item[1], 'status', 'completed', 'completed_at', item[5])
+    elseif b[5] == 'cancelling' then
+      redis.call('HSET', item[1], 'status', 'cancelled', 'cancelled_at', item[5])
+    end
+  end
+  if b[6] then
+    redis.call('EXPIRE', item[1], b[6])
+    redis.call('EXPIRE', item[2], b[6])
+  end
+end
+"""
+
 # KEYS: job hash, log stream, channel. ARGV: ttl_s, seq (0: no event), event json, then field/value
 # pairs for the job hash. Returns 1 if applied, 0 for an already-logged seq, -1 if the job has ended
 # (or expired), in which case nothing is written.
-_APPLY = """
+_APPLY = (
+    _BATCH_HOOKS
+    + """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return -1 end
 for _, ended in ipairs(cjson.decode(ARGV[4])) do
@@ -41,6 +88,13 @@ if seq > 0 then
 end
 if #ARGV > 4 then
   redis.call('HSET', KEYS[1], unpack(ARGV, 5))
+  local new_status = redis.call('HGET', KEYS[1], 'status')
+  if new_status ~= status then
+    if status == 'queued' and new_status == 'running' then batch_item_started(KEYS[1]) end
+    for _, ended in ipairs(cjson.decode(ARGV[4])) do
+      if new_status == ended then batch_item_ended(KEYS[1], new_status, ARGV[3]) end
+    end
+  end
 end
 redis.call('EXPIRE', KEYS[1], ARGV[1])
 if seq > 0 then
@@ -50,13 +104,16 @@ if seq > 0 then
 end
 return 1
 """
+)
 
 
 # KEYS: job hash, log stream, job channel. ARGV: ttl_s, now, cancel channel, terminal states json, job id.
 # A queued job ends cancelled here and now (seq 1: it has no chunks); a running one is flagged and
 # announced, and its worker stops it within a few tokens. Returns the job's status after the call,
 # or nothing for an unknown job.
-_CANCEL = """
+_CANCEL = (
+    _BATCH_HOOKS
+    + """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return nil end
 for _, ended in ipairs(cjson.decode(ARGV[4])) do
@@ -69,6 +126,7 @@ if status == 'queued' then
   redis.call('XADD', KEYS[2], '1-0', 'event', event)
   redis.call('EXPIRE', KEYS[2], ARGV[1])
   redis.call('PUBLISH', KEYS[3], event)
+  batch_item_ended(KEYS[1], 'cancelled', event)
   status = 'cancelled'
 else
   redis.call('PUBLISH', ARGV[3], ARGV[5])
@@ -76,6 +134,7 @@ end
 redis.call('EXPIRE', KEYS[1], ARGV[1])
 return status
 """
+)
 
 
 # KEYS: job hash, log stream, job channel. ARGV: ttl_s, now, terminal states json, this worker's id,
@@ -169,7 +228,19 @@ class JobStore:
 
     # -- writers -------------------------------------------------------------------------------
 
-    def create(self, job_id: str, request: dict[str, Any], queue: str, owner: str | None = None) -> JobRecord:
+    def create(
+        self,
+        job_id: str,
+        request: dict[str, Any],
+        queue: str,
+        owner: str | None = None,
+        *,
+        extra: dict[str, str] | None = None,
+        ttl_s: int | None = None,
+        pipe: redis.client.Pipeline | None = None,
+    ) -> JobRecord:
+        """Write a queued job's record. `extra` adds fields (a batch item's batch keys and index),
+        `ttl_s` overrides the store's TTL, and with `pipe` the writes join that pipeline."""
         record = JobRecord(
             id=job_id, status=JobState.QUEUED, queue=queue, request=request, created_at=now(), owner=owner or ""
         )
@@ -181,16 +252,20 @@ class JobStore:
             "created_at": repr(record.created_at),
             "attempts": 0,
             "owner": record.owner,
+            **(extra or {}),
         }
-        with self.redis.pipeline() as pipe:
-            pipe.hset(keys.job(job_id), mapping=fields)
-            pipe.expire(keys.job(job_id), self.ttl_s)
-            pipe.execute()
+        own_pipe = pipe is None
+        pipe = self.redis.pipeline() if own_pipe else pipe
+        pipe.hset(keys.job(job_id), mapping=fields)
+        pipe.expire(keys.job(job_id), self.ttl_s if ttl_s is None else int(ttl_s))
+        if own_pipe:
+            with pipe:
+                pipe.execute()
         return record
 
-    def delete(self, job_id: str) -> None:
-        """Remove a job that was never enqueued (its enqueue failed)."""
-        self.redis.delete(keys.job(job_id), keys.job_log(job_id))
+    def delete(self, job_id: str, pipe: redis.client.Pipeline | None = None) -> None:
+        """Remove a job that was never enqueued (its enqueue failed, or its batch was refused)."""
+        (pipe or self.redis).delete(keys.job(job_id), keys.job_log(job_id))
 
     def claim(self, job_id: str, worker_id: str, max_attempts: int) -> str | None:
         """Take a delivered job for worker_id: 'claimed' (run it), 'busy' (a live worker runs it),
@@ -241,6 +316,17 @@ class JobStore:
             args=[self.ttl_s, repr(now()), keys.CANCEL_CHANNEL, json.dumps(TERMINAL_STATES), job_id],
         )
         return JobState(status) if status else None
+
+    def cancel_many(self, job_ids: Iterable[str]) -> None:
+        """Cancel each job as cancel() does, in one pipelined round trip."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                self._cancel(
+                    keys=[keys.job(job_id), keys.job_log(job_id), keys.job_channel(job_id)],
+                    args=[self.ttl_s, repr(now()), keys.CANCEL_CHANNEL, json.dumps(TERMINAL_STATES), job_id],
+                    client=pipe,
+                )
+            pipe.execute()
 
     def cancel_requested(self, job_id: str) -> bool:
         return self.redis.hget(keys.job(job_id), "cancel_requested") == "1"

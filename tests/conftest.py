@@ -22,6 +22,8 @@ MODELS_DIR = Path(os.environ.get("GENQUEUE_MODELS_DIR", REPO / "models"))
 REDIS_BASE_URL = os.environ.get("GENQUEUE_TEST_REDIS", "redis://127.0.0.1:6379")
 # Separate Redis databases keep the test workers apart from each other and from a running genqueue.
 TINY_DB, SMOL_DB, STORE_DB, E2E_DB, LORA_DB = 15, 14, 13, 12, 11
+BATCH_DB = 10  # workers that tests kill or start alone (tests/api/test_batch_recovery.py)
+FAULT_DB, IDLE_DB = 9, 8  # tests/tasks/test_faults.py, tests/api/test_limits.py
 WORKER_START_TIMEOUT_S = 120
 
 
@@ -31,7 +33,7 @@ def redis_url(db: int) -> str:
 
 @pytest.fixture(scope="session", autouse=True)
 def clean_redis():
-    for db in (TINY_DB, SMOL_DB, STORE_DB, E2E_DB, LORA_DB):
+    for db in (TINY_DB, SMOL_DB, STORE_DB, E2E_DB, LORA_DB, BATCH_DB, FAULT_DB, IDLE_DB):
         try:
             redis.Redis.from_url(redis_url(db)).flushdb()
         except redis.ConnectionError as exc:

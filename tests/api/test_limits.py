@@ -5,10 +5,12 @@ import threading
 import pytest
 import redis
 
-from tests.conftest import make_client, redis_url
+from tests.conftest import (
+    IDLE_DB,  # no worker consumes its queues: jobs stay queued
+    make_client,
+    redis_url,
+)
 from tests.helpers import wait_job
-
-IDLE_DB = 10  # no worker consumes this database's queues: jobs stay queued
 
 
 @pytest.fixture

@@ -6,10 +6,9 @@ import time
 
 import pytest
 
-from tests.conftest import WorkerProcess, make_client
+from tests.conftest import FAULT_DB, WorkerProcess, make_client
 from tests.helpers import parse_sse, sse_text, wait_job
 
-FAULT_DB = 11
 # Short redelivery settings so a dead worker's job comes back within seconds.
 # The first worker runs on one thread, so the kill surely lands mid-job even on a loaded machine.
 FAST_REDELIVERY = {"visibility_timeout_s": 30, "redelivery_check_s": 1, "job_time_limit_s": 25}

@@ -1,0 +1,171 @@
+"""The batch store on a real Redis: counts kept by the job store's own scripts, cancel, listing, expiry.
+
+Workers are played by the JobStore calls a worker makes (mark_running, append_chunk, finish), so each
+race can be set up exactly; tests/api/test_batches.py runs batches through a real worker.
+"""
+
+import json
+
+import pytest
+
+from tasks import keys
+from tasks.app import batch_queue, create_celery
+from tasks.batches import BatchItem, BatchStore
+from tasks.states import BatchState, JobState
+from tasks.store import JobStore
+from tests.conftest import STORE_DB, redis_url
+
+RESULT = {"response": "ok", "tool_calls": [], "usage": {"prompt_tokens": 5, "completion_tokens": 2}}
+
+
+@pytest.fixture
+def store():
+    jobs = JobStore.from_url(redis_url(STORE_DB), ttl_s=120)
+    jobs.redis.flushdb()
+    return BatchStore(jobs, ttl_s=600)
+
+
+@pytest.fixture(scope="module")
+def celery():
+    from genqueue import config
+
+    return create_celery(config.load(REDIS_URL=redis_url(STORE_DB)))
+
+
+def make_batch(store, celery, n: int, batch_id: str = "b1", owner: str = "") -> str:
+    store.create(batch_id, owner, "cpu", {"purpose": "test"})
+    store.add_items(batch_id, owner, "cpu", 0, [BatchItem(f"c{i}", {"prompt": f"p{i}"}) for i in range(n)])
+    assert store.enqueue(celery, batch_id, "cpu", n) is BatchState.IN_PROGRESS
+    return batch_id
+
+
+def item(batch_id: str, index: int) -> str:
+    return keys.batch_item(batch_id, index)
+
+
+def test_items_are_queued_on_the_batch_queue_and_counted_as_they_end(store, celery):
+    batch_id = make_batch(store, celery, 3)
+    assert store.redis.llen(batch_queue("cpu")) == 3
+    assert store.redis.llen("cpu") == 0  # the interactive queue is untouched
+    record = store.get(batch_id)
+    assert (record.status, record.total, record.metadata) == (BatchState.IN_PROGRESS, 3, {"purpose": "test"})
+
+    jobs = store.jobs
+    assert jobs.mark_running(item(batch_id, 0)) and jobs.mark_running(item(batch_id, 1))
+    assert jobs.finish(item(batch_id, 1), 1, JobState.SUCCEEDED, result=RESULT)
+    error = {"code": "context_length_exceeded", "message": "too long"}
+    assert jobs.finish(item(batch_id, 0), 1, JobState.FAILED, error=error)
+    # A redelivered item ends again: the first end wins and nothing is counted twice.
+    assert not jobs.finish(item(batch_id, 1), 1, JobState.SUCCEEDED, result=RESULT)
+    record = store.get(batch_id)
+    assert (record.completed, record.failed, record.status) == (1, 1, BatchState.IN_PROGRESS)
+    assert jobs.mark_running(item(batch_id, 2))
+    assert store.get(batch_id).status is BatchState.FINALIZING  # every item taken by a worker
+    assert jobs.finish(item(batch_id, 2), 1, JobState.SUCCEEDED, result=RESULT)
+
+    record = store.get(batch_id)
+    assert record.status is BatchState.COMPLETED
+    assert (record.completed, record.failed, record.cancelled) == (2, 1, 0)
+    assert (record.prompt_tokens, record.completion_tokens) == (10, 4)
+    assert (
+        record.timestamps["completed_at"] >= record.timestamps["finalizing_at"] >= record.timestamps["in_progress_at"]
+    )
+    entries = list(store.results(batch_id, record.total))
+    assert [(e["index"], e["custom_id"], e["end"]["status"]) for e in entries] == [
+        (0, "c0", "failed"),
+        (1, "c1", "succeeded"),
+        (2, "c2", "succeeded"),
+    ]
+    assert entries[0]["end"]["error"] == error and entries[1]["end"]["result"] == RESULT
+
+
+def test_results_skip_items_still_running_and_keep_input_order(store, celery):
+    batch_id = make_batch(store, celery, 5)
+    for index in (4, 1, 3):
+        store.jobs.mark_running(item(batch_id, index))
+        store.jobs.finish(item(batch_id, index), 1, JobState.SUCCEEDED, result=RESULT)
+    assert [e["index"] for e in store.results(batch_id, 5)] == [1, 3, 4]
+
+
+def test_cancel_ends_queued_items_now_and_flags_running_ones(store, celery):
+    batch_id = make_batch(store, celery, 4)
+    jobs = store.jobs
+    jobs.mark_running(item(batch_id, 0))
+    jobs.finish(item(batch_id, 0), 1, JobState.SUCCEEDED, result=RESULT)
+    jobs.mark_running(item(batch_id, 1))
+    jobs.append_chunk(item(batch_id, 1), 1, "par")
+
+    assert store.cancel(batch_id) is BatchState.CANCELLING  # item 1 is still running
+    assert [jobs.get(item(batch_id, i)).status for i in range(4)] == [
+        JobState.SUCCEEDED,
+        JobState.RUNNING,
+        JobState.CANCELLED,
+        JobState.CANCELLED,
+    ]
+    assert jobs.cancel_requested(item(batch_id, 1))
+    assert not jobs.mark_running(item(batch_id, 2))  # a cancelled item's message is never run
+    # The worker stops the running item; its partial output is kept and the batch ends.
+    partial = {**RESULT, "response": "par", "finish_reason": "cancelled"}
+    jobs.finish(item(batch_id, 1), 2, JobState.CANCELLED, result=partial)
+    record = store.get(batch_id)
+    assert record.status is BatchState.CANCELLED
+    assert (record.completed, record.failed, record.cancelled) == (1, 0, 3)
+    ends = [e["end"] for e in store.results(batch_id, 4)]
+    assert [e["status"] for e in ends] == ["succeeded", "cancelled", "cancelled", "cancelled"]
+    assert ends[1]["result"] == partial and "result" not in ends[2]
+    assert store.cancel(batch_id) is BatchState.CANCELLED  # again: harmless
+
+
+def test_a_batch_cancelled_while_validating_never_starts(store, celery):
+    store.create("b2", "", "cpu", {})
+    store.add_items("b2", "", "cpu", 0, [BatchItem(None, {"prompt": "a"})])
+    assert store.cancel("b2") is BatchState.CANCELLING  # total unknown yet: not ended
+    store.add_items("b2", "", "cpu", 1, [BatchItem(None, {"prompt": "b"})])  # the API goes on writing
+    assert store.enqueue(celery, "b2", "cpu", 2) is BatchState.CANCELLING
+    record = store.get("b2")
+    assert (record.status, record.cancelled) == (BatchState.CANCELLED, 2)
+    assert [store.jobs.get(item("b2", i)).status for i in range(2)] == [JobState.CANCELLED] * 2
+
+
+def test_a_completed_batch_cannot_be_cancelled(store, celery):
+    batch_id = make_batch(store, celery, 1)
+    store.jobs.mark_running(item(batch_id, 0))
+    store.jobs.finish(item(batch_id, 0), 1, JobState.SUCCEEDED, result=RESULT)
+    assert store.cancel(batch_id) is BatchState.COMPLETED
+    assert store.cancel("unknown") is None
+
+
+def test_discard_removes_a_refused_batch_and_its_items(store):
+    store.create("b3", "alice", "cpu", {})
+    store.add_items("b3", "alice", "cpu", 0, [BatchItem(None, {"prompt": "a"}) for _ in range(3)])
+    store.discard("b3", "alice", 3)
+    assert store.redis.keys("*") == []
+
+
+def test_listing_is_newest_first_paginated_per_owner_and_forgets_expired(store, celery):
+    for n in range(5):
+        make_batch(store, celery, 1, batch_id=f"a{n}", owner="alice")
+    make_batch(store, celery, 1, batch_id="bob1", owner="bob")
+    page, more = store.list("alice", 2)
+    assert [r.id for r in page] == ["a4", "a3"] and more
+    page, more = store.list("alice", 2, after="a3")
+    assert [r.id for r in page] == ["a2", "a1"] and more
+    store.redis.delete(keys.batch("a0"))  # expired
+    page, more = store.list("alice", 2, after="a1")
+    assert page == [] and not more
+    assert store.redis.zrange(keys.owner_batches("alice"), 0, -1) == ["a1", "a2", "a3", "a4"]
+    assert [r.id for r in store.list("bob", 10)[0]] == ["bob1"]
+    with pytest.raises(KeyError):
+        store.list("alice", 2, after="bob1")
+
+
+def test_a_batch_its_results_and_its_queued_items_expire_with_the_batch_ttl(store, celery):
+    batch_id = make_batch(store, celery, 2)
+    assert 500 < store.redis.ttl(keys.batch(batch_id)) <= 600
+    assert 500 < store.redis.ttl(keys.job(item(batch_id, 1))) <= 600  # queued: kept as long as its batch
+    store.jobs.mark_running(item(batch_id, 0))
+    store.jobs.finish(item(batch_id, 0), 1, JobState.SUCCEEDED, result=RESULT)
+    assert 500 < store.redis.ttl(keys.batch_results(batch_id)) <= 600
+    assert store.get(batch_id).expires_at is not None
+    line = json.loads(store.redis.hget(keys.batch_results(batch_id), "0"))
+    assert line["custom_id"] == "c0"
