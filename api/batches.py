@@ -21,7 +21,8 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from api.auth import current_owner
 from api.errors import ApiError, error_response
 from api.jobs import iso, json_body
-from api.schemas import GenerationSchema
+from api.openapi import document
+from api.schemas import ErrorSchema, GenerationSchema
 from tasks.batches import WRITE_CHUNK, BatchItem, BatchRecord, BatchStore
 from tasks.states import BatchState
 
@@ -203,6 +204,21 @@ def metadata_from_query() -> dict[str, str]:
 
 
 @bp.post("")
+@document(
+    "Submit a batch of generation requests",
+    description=(
+        'JSON {"requests": [{"custom_id"?, ...job body}], "metadata"?} or a JSONL upload (Content-Type: '
+        'application/jsonl, one {"custom_id"?, "body": {...}} a line, metadata as ?metadata=<JSON>). Every item is '
+        "validated before anything is queued."
+    ),
+    tags=["Batches"],
+    responses={
+        201: ("The batch (Location: /v1/batches/<id>)", None),
+        400: ("Invalid items, listed by index or line and field", ErrorSchema),
+        413: ("Too many items or bytes", ErrorSchema),
+        415: ("Neither JSON nor JSONL", ErrorSchema),
+    },
+)
 def create_batch():
     """Validate every request, write the items, then queue them all: 201 with the batch."""
     max_bytes = int(current_app.config["BATCH_MAX_BYTES"])
@@ -303,6 +319,20 @@ def invalid_batch(where: str, total: int, invalid: int, errors: dict[str, Any]) 
 
 
 @bp.get("")
+@document(
+    "List your batches, newest first",
+    tags=["Batches"],
+    parameters=[
+        {
+            "name": "limit",
+            "in": "query",
+            "required": False,
+            "schema": {"type": "integer", "minimum": 1, "maximum": 100},
+        },
+        {"name": "after", "in": "query", "required": False, "schema": {"type": "string"}},
+    ],
+    responses={200: ("A page of batches", None), 400: ("An invalid limit or after", ErrorSchema)},
+)
 def list_batches():
     """The caller's batches, newest first: ?limit= (1 to 100) and ?after=<id> of the last one seen."""
     raw_limit = request.args.get("limit", str(DEFAULT_PAGE))
@@ -330,11 +360,22 @@ def list_batches():
 
 
 @bp.get("/<batch_id>")
+@document(
+    "Read a batch: status, request counts, usage, timestamps",
+    tags=["Batches"],
+    responses={200: ("The batch", None), 404: ("Unknown or expired batch", ErrorSchema)},
+)
 def get_batch(batch_id: str):
     return jsonify(batch_view(get_record(batch_id)))
 
 
 @bp.get("/<batch_id>/results")
+@document(
+    "The batch's results as JSONL, in input order",
+    description='One {"custom_id", "index", "result" | "error"} line per ended request; while running, those so far.',
+    tags=["Batches"],
+    responses={200: ("JSONL lines", None, "application/jsonl"), 404: ("Unknown or expired batch", ErrorSchema)},
+)
 def batch_results(batch_id: str):
     """JSONL, one line per ended item in input order; while the batch runs, those ended so far."""
     record = get_record(batch_id)
@@ -349,6 +390,16 @@ def batch_results(batch_id: str):
 
 
 @bp.post("/<batch_id>/cancel")
+@document(
+    "Cancel a batch: queued items never run, running ones stop",
+    tags=["Batches"],
+    responses={
+        200: ("The batch, cancelled", None),
+        202: ("The batch, cancelling", None),
+        404: ("Unknown or expired batch", ErrorSchema),
+        409: ("The batch already ended", ErrorSchema),
+    },
+)
 def cancel_batch(batch_id: str):
     """Cancel: queued items never run, running ones stop within a few tokens, ended ones keep their
     results. 200 once cancelled, 202 while running items stop; 409 for a batch that already ended."""

@@ -111,7 +111,7 @@ def submit(params: dict) -> JobRecord:
     params.pop("stream", None)
     queue = current_app.config["DEFAULT_QUEUE"]
     owner = current_owner() or ""
-    job_id = secrets.token_urlsafe(18)  # 144 random bits: unguessable
+    job_id = "job_" + secrets.token_urlsafe(18)  # 144 random bits: unguessable; the prefix keeps ids off '-'.
     idempotency_key = request.headers.get("Idempotency-Key")
     if idempotency_key:
         key_digest = hashlib.sha256(idempotency_key.encode()).hexdigest()

@@ -142,7 +142,9 @@ return status
 # Claims a delivered job for this worker. A job running on another worker whose heartbeat is alive is
 # a duplicate delivery ('busy'); one whose worker is gone is taken over. Past max attempts the job
 # fails instead ('exhausted'). Returns 'claimed', 'busy', 'exhausted', the ended status, or nil.
-_CLAIM = """
+_CLAIM = (
+    _BATCH_HOOKS
+    + """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return nil end
 for _, ended in ipairs(cjson.decode(ARGV[3])) do
@@ -163,12 +165,17 @@ if attempts > tonumber(ARGV[6]) then
   redis.call('XADD', KEYS[2], seq .. '-0', 'event', event)
   redis.call('EXPIRE', KEYS[2], ARGV[1])
   redis.call('PUBLISH', KEYS[3], event)
+  batch_item_ended(KEYS[1], 'failed', event)
   return 'exhausted'
 end
-if status == 'queued' then redis.call('HSET', KEYS[1], 'started_at', ARGV[2]) end
 redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[4])
+if status == 'queued' then
+  redis.call('HSET', KEYS[1], 'started_at', ARGV[2])
+  batch_item_started(KEYS[1])
+end
 return 'claimed'
 """
+)
 
 
 def now() -> float:

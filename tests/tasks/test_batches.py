@@ -1,6 +1,6 @@
 """The batch store on a real Redis: counts kept by the job store's own scripts, cancel, listing, expiry.
 
-Workers are played by the JobStore calls a worker makes (mark_running, append_chunk, finish), so each
+Workers are played by the JobStore calls a worker makes (claim, append_chunk, finish), so each
 race can be set up exactly; tests/api/test_batches.py runs batches through a real worker.
 """
 
@@ -51,7 +51,7 @@ def test_items_are_queued_on_the_batch_queue_and_counted_as_they_end(store, cele
     assert (record.status, record.total, record.metadata) == (BatchState.IN_PROGRESS, 3, {"purpose": "test"})
 
     jobs = store.jobs
-    assert jobs.mark_running(item(batch_id, 0)) and jobs.mark_running(item(batch_id, 1))
+    assert jobs.claim(item(batch_id, 0), "w", 3) == "claimed" and jobs.claim(item(batch_id, 1), "w", 3) == "claimed"
     assert jobs.finish(item(batch_id, 1), 1, JobState.SUCCEEDED, result=RESULT)
     error = {"code": "context_length_exceeded", "message": "too long"}
     assert jobs.finish(item(batch_id, 0), 1, JobState.FAILED, error=error)
@@ -59,7 +59,7 @@ def test_items_are_queued_on_the_batch_queue_and_counted_as_they_end(store, cele
     assert not jobs.finish(item(batch_id, 1), 1, JobState.SUCCEEDED, result=RESULT)
     record = store.get(batch_id)
     assert (record.completed, record.failed, record.status) == (1, 1, BatchState.IN_PROGRESS)
-    assert jobs.mark_running(item(batch_id, 2))
+    assert jobs.claim(item(batch_id, 2), "w", 3) == "claimed"
     assert store.get(batch_id).status is BatchState.FINALIZING  # every item taken by a worker
     assert jobs.finish(item(batch_id, 2), 1, JobState.SUCCEEDED, result=RESULT)
 
@@ -82,7 +82,7 @@ def test_items_are_queued_on_the_batch_queue_and_counted_as_they_end(store, cele
 def test_results_skip_items_still_running_and_keep_input_order(store, celery):
     batch_id = make_batch(store, celery, 5)
     for index in (4, 1, 3):
-        store.jobs.mark_running(item(batch_id, index))
+        assert store.jobs.claim(item(batch_id, index), "w", 3) == "claimed"
         store.jobs.finish(item(batch_id, index), 1, JobState.SUCCEEDED, result=RESULT)
     assert [e["index"] for e in store.results(batch_id, 5)] == [1, 3, 4]
 
@@ -90,9 +90,9 @@ def test_results_skip_items_still_running_and_keep_input_order(store, celery):
 def test_cancel_ends_queued_items_now_and_flags_running_ones(store, celery):
     batch_id = make_batch(store, celery, 4)
     jobs = store.jobs
-    jobs.mark_running(item(batch_id, 0))
+    assert jobs.claim(item(batch_id, 0), "w", 3) == "claimed"
     jobs.finish(item(batch_id, 0), 1, JobState.SUCCEEDED, result=RESULT)
-    jobs.mark_running(item(batch_id, 1))
+    assert jobs.claim(item(batch_id, 1), "w", 3) == "claimed"
     jobs.append_chunk(item(batch_id, 1), 1, "par")
 
     assert store.cancel(batch_id) is BatchState.CANCELLING  # item 1 is still running
@@ -103,7 +103,7 @@ def test_cancel_ends_queued_items_now_and_flags_running_ones(store, celery):
         JobState.CANCELLED,
     ]
     assert jobs.cancel_requested(item(batch_id, 1))
-    assert not jobs.mark_running(item(batch_id, 2))  # a cancelled item's message is never run
+    assert jobs.claim(item(batch_id, 2), "w", 3) != "claimed"  # a cancelled item's message is never run
     # The worker stops the running item; its partial output is kept and the batch ends.
     partial = {**RESULT, "response": "par", "finish_reason": "cancelled"}
     jobs.finish(item(batch_id, 1), 2, JobState.CANCELLED, result=partial)
@@ -129,7 +129,7 @@ def test_a_batch_cancelled_while_validating_never_starts(store, celery):
 
 def test_a_completed_batch_cannot_be_cancelled(store, celery):
     batch_id = make_batch(store, celery, 1)
-    store.jobs.mark_running(item(batch_id, 0))
+    assert store.jobs.claim(item(batch_id, 0), "w", 3) == "claimed"
     store.jobs.finish(item(batch_id, 0), 1, JobState.SUCCEEDED, result=RESULT)
     assert store.cancel(batch_id) is BatchState.COMPLETED
     assert store.cancel("unknown") is None
@@ -163,7 +163,7 @@ def test_a_batch_its_results_and_its_queued_items_expire_with_the_batch_ttl(stor
     batch_id = make_batch(store, celery, 2)
     assert 500 < store.redis.ttl(keys.batch(batch_id)) <= 600
     assert 500 < store.redis.ttl(keys.job(item(batch_id, 1))) <= 600  # queued: kept as long as its batch
-    store.jobs.mark_running(item(batch_id, 0))
+    assert store.jobs.claim(item(batch_id, 0), "w", 3) == "claimed"
     store.jobs.finish(item(batch_id, 0), 1, JobState.SUCCEEDED, result=RESULT)
     assert 500 < store.redis.ttl(keys.batch_results(batch_id)) <= 600
     assert store.get(batch_id).expires_at is not None
