@@ -182,3 +182,25 @@ def redis_server_binary() -> str:
     if path is None:
         pytest.fail("redis-server is not installed")
     return path
+
+
+def serve(db: int, **config):
+    """The real app on a free loopback port (werkzeug, threaded), against database db."""
+    from api import create_app
+    from tests.live import LiveServer
+
+    return LiveServer(create_app({"REDIS_URL": redis_url(db), **config}))
+
+
+@pytest.fixture(scope="module")
+def tiny_api(tiny_worker):
+    server = serve(TINY_DB)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def smol_api(smol_worker):
+    server = serve(SMOL_DB)
+    yield server
+    server.stop()

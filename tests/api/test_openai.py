@@ -10,30 +10,10 @@ import urllib.request
 import openai
 import pytest
 
-from tests.conftest import SMOL_DB, TINY_DB, redis_url
+from tests.conftest import TINY_DB, redis_url
 from tests.live import LiveServer
 
 CHAT = [{"role": "user", "content": "Tell me about the sea"}]
-
-
-def serve(db: int):
-    from api import create_app
-
-    return LiveServer(create_app({"REDIS_URL": redis_url(db)}))
-
-
-@pytest.fixture(scope="module")
-def tiny_api(tiny_worker):
-    server = serve(TINY_DB)
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def smol_api(smol_worker):
-    server = serve(SMOL_DB)
-    yield server
-    server.stop()
 
 
 def client_for(server) -> openai.OpenAI:

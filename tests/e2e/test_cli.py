@@ -14,28 +14,8 @@ import pytest
 from click.testing import CliRunner
 
 from genqueue.cli import main
-from tests.conftest import REPO, SMOL_DB, TINY_DB, redis_url
+from tests.conftest import REPO, TINY_DB, redis_url
 from tests.live import LiveServer
-
-
-def serve(db: int) -> LiveServer:
-    from api import create_app
-
-    return LiveServer(create_app({"REDIS_URL": redis_url(db)}))
-
-
-@pytest.fixture(scope="module")
-def tiny_api(tiny_worker):
-    server = serve(TINY_DB)
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def smol_api(smol_worker):
-    server = serve(SMOL_DB)
-    yield server
-    server.stop()
 
 
 def genqueue(*args: str, api_url: str, stdin: str | None = None) -> subprocess.CompletedProcess:
