@@ -36,10 +36,14 @@ DEFAULTS: dict[str, Any] = {
     "INTRA_THREADS": 0,
     "INTER_THREADS": 1,
     # Worker: jobs taken at once from the queue, and how many of them one engine call may batch.
-    "CONCURRENCY": 8,
-    "MAX_BATCH_SIZE": 8,
-    # Worker: how long the batcher waits for more jobs to join a batch (seconds).
-    "GATHER_WINDOW_S": 0.005,
+    "CONCURRENCY": 16,
+    "MAX_BATCH_SIZE": 16,
+    # Worker: how long an idle engine waits for more jobs to start a batch with (seconds); later
+    # arrivals join the running batch while it is young (see tasks/batcher.py).
+    "GATHER_WINDOW_S": 0.002,
+    # Worker: jobs whose prompts differ in length by more tokens than this run in separate batches
+    # (CTranslate2 reads the extra tokens of a longer prompt one step at a time, for the whole batch).
+    "MAX_LENGTH_SPREAD": 32,
     # Worker: a job still generating after this long stops and fails (seconds).
     "JOB_TIME_LIMIT_S": 600,
     # A job whose worker died is run again up to this many starts in all, then fails.

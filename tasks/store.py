@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -213,6 +213,30 @@ class JobStore:
     def append_chunk(self, job_id: str, seq: int, text: str) -> bool:
         """Log and publish the seq-th chunk; False if it was logged already or the job has ended."""
         return self._run(job_id, seq, {"seq": seq, "type": CHUNK, "text": text}, {}) == 1
+
+    def append_chunks(self, chunks: Sequence[tuple[str, int, str]]) -> list[int]:
+        """Log and publish several chunks, (job id, seq, text) each, in one round trip and in order.
+
+        Each answer is append_chunk's script's: 1 logged, 0 logged already, -1 the job has ended."""
+        if not chunks:
+            return []
+        terminal = json.dumps(TERMINAL_STATES)
+        for attempt in range(2):
+            with self.redis.pipeline(transaction=False) as pipe:
+                for job_id, seq, text in chunks:
+                    event = json.dumps({"seq": seq, "type": CHUNK, "text": text})
+                    job_keys = (keys.job(job_id), keys.job_log(job_id), keys.job_channel(job_id))
+                    pipe.evalsha(self._apply.sha, len(job_keys), *job_keys, self.ttl_s, seq, event, terminal)
+                answers = pipe.execute(raise_on_error=False)
+            if attempt == 0 and any(isinstance(a, redis.exceptions.NoScriptError) for a in answers):
+                # A restarted Redis forgot the script: load it and send again (a logged seq is skipped).
+                self.redis.script_load(_APPLY)
+                continue
+            for answer in answers:
+                if isinstance(answer, Exception):
+                    raise answer
+            return [int(answer) for answer in answers]
+        raise AssertionError("unreachable")
 
     def finish(
         self,

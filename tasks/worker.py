@@ -23,9 +23,10 @@ from genqueue import config
 from tasks import keys
 from tasks.app import GENERATE_TASK, celery_app
 from tasks.batcher import Batcher
-from tasks.cancel import CANCEL_POLL_S, CancelWatcher
+from tasks.cancel import CancelWatcher
 from tasks.states import JobState
 from tasks.store import JobRecord, JobStore
+from tasks.writer import ChunkWriter
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,14 @@ class WorkerRuntime:
             intra_threads=settings["INTRA_THREADS"],
             inter_threads=settings["INTER_THREADS"],
         )
-        self.batcher = Batcher(self.model, settings["MAX_BATCH_SIZE"], settings["GATHER_WINDOW_S"])
+        self.batcher = Batcher(
+            self.model,
+            max_batch_size=settings["MAX_BATCH_SIZE"],
+            gather_window_s=settings["GATHER_WINDOW_S"],
+            max_length_spread=settings["MAX_LENGTH_SPREAD"],
+            replicas=settings["INTER_THREADS"],
+        )
+        self.writer = ChunkWriter(self.store)
         self.cancels = CancelWatcher(self.store.redis)
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
         self._active: set[str] = set()  # jobs this process is running now
@@ -87,52 +95,53 @@ class WorkerRuntime:
             if claim != "claimed":
                 log.info("job %s: not run (%s)", job_id, claim or "expired")
                 return claim
-            record = self.store.get(job_id)
-            log.info("job %s: running (attempt %d)", job_id, record.attempts)
             self.cancels.watch(job_id)
             try:
+                record = self.store.get(job_id)
+                if record.cancel_requested:  # cancelled before this worker listened for it
+                    self.cancels.watch(job_id, cancelled=True)
+                log.info("job %s: running (attempt %d)", job_id, record.attempts)
                 self._generate(job_id, record)
             finally:
                 self.cancels.forget(job_id)
+                self.writer.forget(job_id)
             return claim
         finally:
             with self._active_lock:
                 self._active.discard(job_id)
 
     def _generate(self, job_id: str, record: JobRecord) -> None:
+        # on_chunk and should_stop run on the engine's thread, once per token: they touch no Redis.
+        # The writer sends the chunks; the cancel watcher listens for cancellations.
         seq = 0
-        cancelled = self.store.cancel_requested(job_id)  # cancelled between queue and start
-        next_poll = time.monotonic() + CANCEL_POLL_S
         deadline = time.monotonic() + self.settings["JOB_TIME_LIMIT_S"]
         timed_out = False
 
         def on_chunk(text: str) -> None:
             nonlocal seq
             seq += 1
-            self.store.append_chunk(job_id, seq, text)
+            self.writer.append(job_id, seq, text)
 
         def should_stop() -> bool:
-            nonlocal cancelled, next_poll, timed_out
-            now = time.monotonic()
-            if not cancelled and now >= next_poll:
-                next_poll = now + CANCEL_POLL_S
-                cancelled = self.store.cancel_requested(job_id)
-                timed_out = now >= deadline
-            return cancelled or timed_out or self.cancels.is_cancelled(job_id)
+            nonlocal timed_out
+            timed_out = timed_out or time.monotonic() >= deadline
+            return timed_out or self.cancels.is_cancelled(job_id) or self.writer.stopped(job_id)
 
+        error = None
         try:
             request = GenerationRequest.from_dict(record.request)
-            result = self.batcher.run(self.model.encode(request), on_chunk, should_stop)
+            result = self.batcher.run(self.model.encode(request), on_chunk, should_stop, label=job_id)
         except EngineError as exc:
             log.info("job %s: failed: %s", job_id, exc.code)
-            self.store.finish(job_id, seq + 1, JobState.FAILED, error={"code": exc.code, "message": str(exc)})
-            return
+            result, error = None, {"code": exc.code, "message": str(exc)}
         except (ValueError, KeyError, TypeError) as exc:  # a stored request this version cannot read
             log.exception("job %s: unreadable request", job_id)
-            error = {"code": "invalid_request", "message": str(exc)}
+            result, error = None, {"code": "invalid_request", "message": str(exc)}
+        self.writer.flush(job_id)  # every chunk is logged before the end event
+        if error is not None:
             self.store.finish(job_id, seq + 1, JobState.FAILED, error=error)
             return
-        if timed_out and not cancelled:
+        if timed_out and not self.cancels.is_cancelled(job_id):
             limit = self.settings["JOB_TIME_LIMIT_S"]
             error = {"code": "time_limit_exceeded", "message": f"the job ran over its time limit of {limit}s"}
             self.store.finish(job_id, seq + 1, JobState.FAILED, result=result.to_dict(), error=error)
