@@ -69,7 +69,7 @@ def submit(params: dict) -> JobRecord:
     """Create the job record and enqueue it; never leaves a record without a queued task."""
     params = dict(params)
     params.pop("stream", None)
-    queue = current_app.config["DEFAULT_QUEUE"]
+    queue = choose_queue(params.pop("queue", None))
     job_id = secrets.token_urlsafe(18)  # 144 random bits: unguessable
     record = store().create(job_id, params, queue, owner=current_owner())
     try:
@@ -79,6 +79,15 @@ def submit(params: dict) -> JobRecord:
         raise
     current_app.logger.info("job %s: queued on %s", job_id, queue)
     return record
+
+
+def choose_queue(requested: str | None) -> str:
+    """The queue the request names; else the GPU queue while a GPU worker is alive; else the default."""
+    if requested:
+        return requested
+    if store().queue_served("gpu"):
+        return "gpu"
+    return current_app.config["DEFAULT_QUEUE"]
 
 
 def event_stream_response(job_id: str, after_seq: int = 0) -> Response:

@@ -12,6 +12,7 @@ import numbers
 from marshmallow import Schema, ValidationError, fields, validate, validates_schema
 
 from engine.request import DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE
+from genqueue.config import QUEUES
 
 MAX_TEXT_CHARS = 131072  # prompt and message content, as in the source API
 MAX_TOKENS_LIMIT = 131072  # schema bound; the worker also checks prompt + max_tokens against the model
@@ -57,6 +58,8 @@ class GenerationSchema(Schema):
     temperature = StrictFloat(load_default=DEFAULT_TEMPERATURE, validate=validate.Range(min=0, max=5))
     top_p = StrictFloat(validate=validate.Range(min=0, max=2))
     top_k = StrictInteger(validate=validate.Range(min=1, max=50))
+    # Which workers run the job; none: the GPU queue while a GPU worker is alive, else the default.
+    queue = fields.String(validate=validate.OneOf(QUEUES))
 
     @validates_schema
     def _one_input(self, data, **_kwargs):

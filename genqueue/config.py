@@ -27,7 +27,7 @@ DEFAULTS: dict[str, Any] = {
     "MAX_WAIT_S": 60,
     # Seconds between SSE keep-alive comments on a stream with nothing to send.
     "SSE_KEEPALIVE_S": 15,
-    # Queue a job goes to when the request does not name one.
+    # Queue a job goes to when the request names none and no GPU worker is alive (then: gpu).
     "DEFAULT_QUEUE": "cpu",
     # Worker: device (cpu or cuda), CTranslate2 compute type (None: int8 on cpu, int8_float16 on cuda),
     # threads per engine call (0: CTranslate2 picks), engine replicas.
@@ -64,6 +64,12 @@ DEFAULTS: dict[str, Any] = {
 }
 
 QUEUES = ("cpu", "gpu")
+DEVICE_QUEUES = {"cpu": "cpu", "cuda": "gpu"}  # the queue a worker consumes unless told otherwise
+
+
+def worker_queues(settings: Mapping[str, Any]) -> list[str]:
+    """The queues a worker consumes: QUEUES if given, else its device's (cpu: cpu, cuda: gpu)."""
+    return list(settings.get("QUEUES") or [DEVICE_QUEUES.get(settings["DEVICE"], settings["DEFAULT_QUEUE"])])
 
 
 def parse_value(raw: str) -> Any:

@@ -187,7 +187,7 @@ class Batcher:
 
     def _call_engine(self, call: EngineCall, items: list[BatchItem]) -> None:
         resumed = sum(isinstance(item.work, Paused) for item in items)
-        log.debug("engine call: %d jobs (%d resumed)", len(items), resumed)
+        log.info("engine call: %d jobs (%d resumed)", len(items), resumed)
         self.on_batch(len(items))
         try:
             outcomes = self.model.generate_batch(

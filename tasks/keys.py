@@ -30,3 +30,8 @@ def worker(worker_id: str) -> str:
 
 
 WORKER_PATTERN = f"{PREFIX}:worker:*"
+
+
+def queue_served(queue: str) -> str:
+    """Exists while some worker consuming the queue beats (each heartbeat sets it, with its TTL)."""
+    return f"{PREFIX}:queue:{queue}:served"

@@ -266,6 +266,10 @@ class JobStore:
         )
         return JobState(status) if status else None
 
+    def queue_served(self, queue: str) -> bool:
+        """Whether a live worker (one whose heartbeat has not expired) consumes the queue."""
+        return bool(self.redis.exists(keys.queue_served(queue)))
+
     def cancel_requested(self, job_id: str) -> bool:
         return self.redis.hget(keys.job(job_id), "cancel_requested") == "1"
 

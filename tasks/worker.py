@@ -65,9 +65,9 @@ class WorkerRuntime:
 
     def _heartbeat(self) -> None:
         """Announce this worker, its queues and model, so readiness checks can see it."""
-        queues = ",".join(self.settings.get("QUEUES") or [self.settings["DEFAULT_QUEUE"]])
+        queues = config.worker_queues(self.settings)
         fields = {
-            "queues": queues,
+            "queues": ",".join(queues),
             "model": self.model.name,
             "device": self.model.device,
             "compute_type": self.model.compute_type,
@@ -77,6 +77,8 @@ class WorkerRuntime:
                 with self.store.redis.pipeline() as pipe:
                     pipe.hset(keys.worker(self.worker_id), mapping=fields)
                     pipe.expire(keys.worker(self.worker_id), HEARTBEAT_TTL_S)
+                    for queue in queues:  # the API routes jobs to the GPU queue while this key lives
+                        pipe.set(keys.queue_served(queue), self.worker_id, ex=HEARTBEAT_TTL_S)
                     pipe.execute()
             except redis.RedisError as exc:
                 log.warning("heartbeat failed: %s", exc)

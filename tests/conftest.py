@@ -21,6 +21,7 @@ MODELS_DIR = Path(os.environ.get("GENQUEUE_MODELS_DIR", REPO / "models"))
 REDIS_BASE_URL = os.environ.get("GENQUEUE_TEST_REDIS", "redis://127.0.0.1:6379")
 # Separate Redis databases keep the test workers apart from each other and from a running genqueue.
 TINY_DB, SMOL_DB, STORE_DB, E2E_DB = 15, 14, 13, 12
+TINY32_DB = 10
 WORKER_START_TIMEOUT_S = 120
 
 
@@ -30,7 +31,7 @@ def redis_url(db: int) -> str:
 
 @pytest.fixture(scope="session", autouse=True)
 def clean_redis():
-    for db in (TINY_DB, SMOL_DB, STORE_DB, E2E_DB):
+    for db in (TINY_DB, SMOL_DB, STORE_DB, E2E_DB, TINY32_DB):
         try:
             redis.Redis.from_url(redis_url(db)).flushdb()
         except redis.ConnectionError as exc:
@@ -106,6 +107,14 @@ class WorkerProcess:
 @pytest.fixture(scope="session")
 def tiny_worker(tiny_dir):
     worker = WorkerProcess(tiny_dir, TINY_DB, concurrency=4, max_batch_size=4)
+    yield worker
+    worker.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny32_worker(tiny_dir):
+    """A worker on the tiny model in float32: a job's greedy output does not depend on its batch."""
+    worker = WorkerProcess(tiny_dir, TINY32_DB, compute_type="float32", concurrency=8, max_batch_size=8)
     yield worker
     worker.stop()
 
