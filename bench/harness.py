@@ -289,7 +289,11 @@ class Stack:
         env.pop("GENQUEUE_API_KEYS", None)
         env.pop("GENQUEUE_API_KEYS_FILE", None)
         python = sys.executable
-        self.worker = self._spawn("worker", [python, "-m", "genqueue.cli", "worker", "--loglevel", "WARNING"], env)
+        self.worker = self._spawn(
+            "worker",
+            [python, "-m", "genqueue.cli", "worker", "--loglevel", os.environ.get("BENCH_WORKER_LOGLEVEL", "WARNING")],
+            env,
+        )
         self.api = self._spawn("api", [python, "-m", "genqueue.cli", "api"], env)
         deadline = time.monotonic() + START_TIMEOUT_S
         while not self._ready():

@@ -82,12 +82,14 @@ class Batcher:
         max_length_spread: int = 32,
         replicas: int = 1,
         on_batch: Callable[[int], None] = lambda _size: None,  # told each engine call's size (metrics)
+        on_idle: Callable[[], None] = lambda: None,  # called when the last running call ends with none pending
     ):
         self.model = model
         self.max_batch_size = max(1, int(max_batch_size))
         self.gather_window_s = max(0.0, float(gather_window_s))
         self.max_length_spread = max(0, int(max_length_spread))
         self.on_batch = on_batch
+        self.on_idle = on_idle
         self._pending: list[BatchItem] = []  # in arrival order
         self._running: list[EngineCall] = []
         self._lock = threading.Condition()
@@ -163,6 +165,9 @@ class Batcher:
                     self._running.remove(call)
                     if self._pending:
                         self._lock.notify()
+                    idle = not self._pending and not self._running
+            if idle:
+                self.on_idle()
 
     def _run(self, call: EngineCall) -> None:
         while call.items:
