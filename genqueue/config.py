@@ -38,11 +38,12 @@ DEFAULTS: dict[str, Any] = {
     # Worker: jobs taken at once from the queue, and how many of them one engine call may batch.
     "CONCURRENCY": 16,
     "MAX_BATCH_SIZE": 16,
-    # Worker: how long an idle engine waits for more jobs to start a batch with (seconds); later
-    # arrivals join the running batch while it is young (see tasks/batcher.py).
-    "GATHER_WINDOW_S": 0.002,
+    # Worker: how long an idle engine waits for more jobs before it starts a batch (seconds); jobs
+    # that come later join the running batch while it is young (see tasks/batcher.py).
+    "GATHER_WINDOW_S": 0.0,
     # Worker: jobs whose prompts differ in length by more tokens than this run in separate batches
-    # (CTranslate2 reads the extra tokens of a longer prompt one step at a time, for the whole batch).
+    # (CTranslate2 reads the extra tokens of a longer prompt one step at a time, for the whole batch);
+    # also the most steps a batch lets newcomers joining it cost.
     "MAX_LENGTH_SPREAD": 32,
     # Worker: a job still generating after this long stops and fails (seconds).
     "JOB_TIME_LIMIT_S": 600,

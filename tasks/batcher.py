@@ -9,9 +9,10 @@ batch those steps).
 
 A job that arrives while a call runs does not wait for that call to end when it can join it: the
 call is paused after its current token, and runs on at once with the newcomers, each paused prompt
-going on from its last token (engine/model.py, Paused). Pausing costs the paused prompts a re-read of
-what they generated, so a call is paused only while that is short (the same length spread); later
-arrivals wait for the call to end: at most one batch.
+going on from its last token (engine/model.py, Paused). Going on, a paused prompt re-reads what it
+generated one step at a time, which delays the whole call by that many steps; a call takes such
+delays only up to max_length_spread steps in all, so it is paused a few times while young and then
+runs to its end. A job that cannot join waits for the running call to end: at most one batch.
 """
 
 from __future__ import annotations
@@ -67,6 +68,12 @@ class EngineCall:
 
     items: list[BatchItem]
     pause: threading.Event = field(default_factory=threading.Event)
+    reread: int = 0  # steps its pauses cost it so far (tokens its paused prompts read again)
+
+    @property
+    def pause_cost(self) -> int:
+        """Steps pausing now would cost: the paused prompts re-read what they generated."""
+        return max((item.generated for item in self.items), default=0)
 
     @property
     def key(self) -> tuple:
@@ -78,7 +85,7 @@ class Batcher:
         self,
         model: Model,
         max_batch_size: int = 16,
-        gather_window_s: float = 0.002,
+        gather_window_s: float = 0.0,
         max_length_spread: int = 32,
         replicas: int = 1,
         on_batch: Callable[[int], None] = lambda _size: None,  # told each engine call's size (metrics)
@@ -131,7 +138,12 @@ class Batcher:
 
     def _may_join(self, call: EngineCall, item: BatchItem) -> bool:
         """Whether pausing a running call so that item joins it is worth it (see the module doc)."""
-        return resumable(item.prompt.request.options) and self._fits(call.items, item)
+        return (
+            bool(call.items)  # an ending call has none: it takes no one
+            and resumable(item.prompt.request.options)
+            and call.reread + call.pause_cost <= self.max_length_spread
+            and self._fits(call.items, item)
+        )
 
     def _take_pending(self, chosen: list[BatchItem]) -> list[BatchItem]:
         """chosen (the oldest pending job if empty), then the pending jobs that may join it, in order."""
@@ -177,6 +189,8 @@ class Batcher:
             with self._lock:
                 call.pause.clear()
                 paused = [item for item in items if not item.done.is_set()]
+                if paused:
+                    call.reread += max(item.generated for item in paused)
                 call.items = self._take_pending(paused) if paused else []
 
     def _drop_cancelled(self, items: list[BatchItem]) -> list[BatchItem]:

@@ -162,6 +162,13 @@ class JobStore:
         self._apply = client.register_script(_APPLY)
         self._cancel = client.register_script(_CANCEL)
         self._claim = client.register_script(_CLAIM)
+        # Subscriptions draw from a pool of their own: redis-py disconnects a pubsub's connection when
+        # it closes, and the next command that drew it from the shared pool would pay a reconnect
+        # (about 1 ms here, on the path from a job's end to its waiting reader).
+        pool = client.connection_pool
+        self._subscriber = redis.Redis(
+            connection_pool=redis.ConnectionPool(connection_class=pool.connection_class, **pool.connection_kwargs)
+        )
 
     @classmethod
     def from_url(cls, url: str, ttl_s: int = DEFAULTS["JOB_TTL_S"]) -> JobStore:
@@ -296,7 +303,7 @@ class JobStore:
         Yields None every poll_s seconds with nothing new, so a caller can send keep-alives or give
         up. Subscribing before replaying the log means no event falls between the two.
         """
-        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        pubsub = self._subscriber.pubsub(ignore_subscribe_messages=True)
         try:
             pubsub.subscribe(keys.job_channel(job_id))
             last = after_seq

@@ -50,11 +50,13 @@ def request(prompt: str | None = None, max_tokens: int = 16, messages=None, **sa
 class Job:
     """One job thread handing its prompt to the batcher, as a worker's job thread does."""
 
-    def __init__(self, batcher: Batcher, prompt, stop_after_chunks: int | None = None):
+    def __init__(self, batcher: Batcher, prompt, stop_after_chunks: int | None = None, token_delay_s: float = 0):
         self.prompt = prompt
         self.chunks: list[str] = []
+        self.tokens = 0  # as counted by the engine asking whether to stop
         self.result = None
         self.stop_after_chunks = stop_after_chunks
+        self.token_delay_s = token_delay_s  # slows its whole engine call down, to time arrivals in tests
         self._batcher = batcher
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -62,6 +64,8 @@ class Job:
         self.result = self._batcher.run(self.prompt, self.chunks.append, self._should_stop)
 
     def _should_stop(self) -> bool:
+        self.tokens += 1
+        time.sleep(self.token_delay_s)
         return self.stop_after_chunks is not None and len(self.chunks) >= self.stop_after_chunks
 
     def start(self) -> Job:
@@ -167,6 +171,25 @@ def test_a_job_too_unlike_the_running_batch_waits_for_it_instead(tiny32):
     newcomer = Job(batcher, long_prompt).start()
     assert [first.join(), newcomer.join()] == [alone(tiny32, running), alone(tiny32, long_prompt)]
     assert model.calls == [[running], [long_prompt]]  # no pause: the newcomer ran next
+
+
+def test_a_batch_takes_newcomers_only_while_re_reading_costs_it_few_steps(tiny32):
+    # Same-length prompts: the spread of lengths is what the running job generated, within the limit of
+    # 60 throughout, so what refuses the last newcomer is the cost of pausing (the steps re-read).
+    first, second, third = [tiny32.encode(request(p, max_tokens=80)) for p in ("job one", "job two", "job six")]
+    assert len({len(p.tokens) for p in (first, second, third)}) == 1
+    model = RecordingModel(tiny32)
+    batcher = Batcher(model, max_batch_size=4, gather_window_s=0, max_length_spread=60)
+    running = Job(batcher, first, token_delay_s=0.015).start()
+    wait_for(lambda: running.tokens >= 5)
+    joins = Job(batcher, second).start()  # pausing costs about 5 steps: it joins
+    wait_for(lambda: running.tokens >= 59)
+    waits = Job(batcher, third).start()  # about 5 steps spent, and about 58 more would pass 60: it waits
+    results = [job.join() for job in (running, joins, waits)]
+
+    assert [[isinstance(p, Paused) for p in call] for call in model.calls] == [[False], [True, False], [False]]
+    assert model.calls[2] == [third]
+    assert results == [alone(tiny32, p) for p in (first, second, third)]
 
 
 def test_a_cancelled_job_in_a_batch_stops_alone(tiny32):
