@@ -109,7 +109,7 @@ def submit(params: dict) -> JobRecord:
     queue's backpressure limit (429)."""
     params = dict(params)
     params.pop("stream", None)
-    queue = current_app.config["DEFAULT_QUEUE"]
+    queue = choose_queue(params.pop("queue", None))
     owner = current_owner() or ""
     job_id = "job_" + secrets.token_urlsafe(18)  # 144 random bits: unguessable; the prefix keeps ids off '-'.
     idempotency_key = request.headers.get("Idempotency-Key")
@@ -158,6 +158,15 @@ def replayed_job(bound: dict, body_digest: str) -> JobRecord:
         raise ApiError(409, "idempotency_key_in_use", "a request with this Idempotency-Key is still being submitted")
     current_app.logger.info("job %s: returned again for its Idempotency-Key", record.id)
     return record
+
+
+def choose_queue(requested: str | None) -> str:
+    """The queue the request names; else the GPU queue while a GPU worker is alive; else the default."""
+    if requested:
+        return requested
+    if store().queue_served("gpu"):
+        return "gpu"
+    return current_app.config["DEFAULT_QUEUE"]
 
 
 def event_stream_response(job_id: str, after_seq: int = 0) -> Response:

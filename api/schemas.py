@@ -14,6 +14,7 @@ from marshmallow import INCLUDE, Schema, ValidationError, fields, validate, vali
 
 from engine.request import DEFAULT_MAX_TOKENS, DEFAULT_REPETITION_PENALTY, DEFAULT_TEMPERATURE
 from engine.stop import MAX_STOP_CHARS, MAX_STOP_SEQUENCES
+from genqueue.config import QUEUES
 
 MAX_TEXT_CHARS = 131072  # prompt and message content, as in the source API
 MAX_TOKENS_LIMIT = 131072  # schema bound; the worker also checks prompt + max_tokens against the model
@@ -213,6 +214,10 @@ class GenerationSchema(Schema):
     )
     stop = StopSequences(
         **doc("One string or up to 4: generation ends at the first occurrence, left out of the response.")
+    )
+    queue = fields.String(
+        validate=validate.OneOf(QUEUES),
+        **doc("Which workers run the job; none: the GPU queue while a GPU worker is alive, else the default."),
     )
 
     @validates_schema

@@ -26,9 +26,11 @@ DEFAULT_MAX_CONTEXT = 4096  # tokens, for a converted model that did not record 
 DEFAULT_COMPUTE_TYPES = {"cpu": "int8", "cuda": "int8_float16"}
 
 # on_chunk(index, text) gets each new piece of text of the index-th prompt of a batch;
-# should_stop(index) is asked after each token and ends that prompt alone when it answers True.
+# should_stop(index) is asked after each token and ends that prompt alone when it answers True;
+# should_pause() is asked after each token too, and pauses the prompts still running when it answers True.
 ChunkCallback = Callable[[int, str], None]
 StopCallback = Callable[[int], bool]
+PauseCallback = Callable[[], bool]
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,37 @@ class _ItemState:
     finish_reason: FinishReason | None = None
     error: BaseException | None = None
     chunks: list[str] = field(default_factory=list)
+    generated: list[str] = field(default_factory=list)  # token strings, to go on from after a pause
+    paused: bool = False
+
+
+def resumable(options: SamplingOptions) -> bool:
+    """Whether a paused generation with these options goes on exactly as it would have.
+
+    Going on feeds the generated tokens back as part of the prompt. CTranslate2's repetition penalty
+    counts generated tokens but not the prompt, so a penalized generation would change: never pause one.
+    """
+    return getattr(options, "repetition_penalty", 1.0) == 1.0
+
+
+@dataclass(frozen=True)
+class Paused:
+    """A prompt whose generation a should_pause answer paused; a later generate_batch goes on with it."""
+
+    state: _ItemState
+
+    @property
+    def prompt(self) -> EncodedPrompt:
+        return self.state.prompt
+
+    @property
+    def length(self) -> int:
+        """Tokens the engine reads before it generates again: the prompt and what was generated."""
+        return len(self.state.prompt.tokens) + len(self.state.generated)
+
+    @property
+    def completion_tokens(self) -> int:
+        return self.state.completion_tokens
 
 
 def sampling_arguments(options: SamplingOptions) -> dict:
@@ -118,28 +151,37 @@ class Model:
 
     def generate_batch(
         self,
-        prompts: Sequence[EncodedPrompt],
+        prompts: Sequence[EncodedPrompt | Paused],
         on_chunk: ChunkCallback | None = None,
         should_stop: StopCallback | None = None,
-    ) -> list[GenerationResult | BaseException]:
+        should_pause: PauseCallback | None = None,
+    ) -> list[GenerationResult | BaseException | Paused]:
         """Generate for several prompts in one engine call; they must share their sampling settings.
 
         Each prompt stops at its own end token or max_tokens. The result at index i is the i-th
-        prompt's GenerationResult, or the exception its callbacks raised (which stopped it alone).
+        prompt's GenerationResult, or the exception its callbacks raised (which stopped it alone),
+        or, once should_pause answered True, a Paused prompt: passed to a later call (with other
+        prompts, say), it goes on from its last token with the same chunks and counts.
         """
         if not prompts:
             return []
-        options = [p.request.options for p in prompts]
-        if len({o.batch_key() for o in options}) != 1:
-            raise InvalidRequestError("prompts batched together must share their sampling settings")
         states = [
-            _ItemState(p, IncrementalDetokenizer(self.tokenizer.decode), StopMatcher(p.request.options.stop))
+            p.state
+            if isinstance(p, Paused)
+            else _ItemState(p, IncrementalDetokenizer(self.tokenizer.decode), StopMatcher(p.request.options.stop))
             for p in prompts
         ]
+        options = [s.prompt.request.options for s in states]
+        if len({o.batch_key() for o in options}) != 1:
+            raise InvalidRequestError("prompts batched together must share their sampling settings")
         # The callbacks must not reference self: CTranslate2 drops the callback in its own thread after
         # the call, and if that dropped the last reference to this Model, its Generator would be
         # destroyed from the thread it has to join ("Resource deadlock avoided": abort).
         end_tokens = self._end_tokens
+        if should_pause is not None and not resumable(options[0]):
+            should_pause = None
+        for state in states:
+            state.paused = False
 
         def emit(state: _ItemState, index: int, text: str, final: bool = False) -> None:
             text = state.stops.feed(text, final)  # holds back what may begin a stop string, until final
@@ -150,13 +192,14 @@ class Model:
 
         def on_step(step) -> bool:
             state = states[step.batch_id]
-            if state.finish_reason is not None:
+            if state.finish_reason is not None or state.paused:
                 return True
             try:
                 if step.token in end_tokens:
                     state.finish_reason = FinishReason.STOP
                     return True
                 state.completion_tokens += 1
+                state.generated.append(step.token)
                 emit(state, step.batch_id, state.detokenizer.add(step.token_id))
                 if state.stops.matched is not None:
                     state.finish_reason = FinishReason.STOP
@@ -166,23 +209,28 @@ class Model:
                     state.finish_reason = FinishReason.CANCELLED
                 elif step.is_last:
                     state.finish_reason = FinishReason.LENGTH
-                return state.finish_reason is not None
+                elif should_pause is not None and should_pause():
+                    state.paused = True
+                return state.finish_reason is not None or state.paused
             except BaseException as exc:  # a failing callback ends its own prompt, not the batch
                 state.error = exc
                 state.finish_reason = FinishReason.CANCELLED
                 return True
 
         self._generator.generate_batch(
-            [list(p.tokens) for p in prompts],
-            max_length=max(o.max_tokens for o in options),
+            [list(s.prompt.tokens) + s.generated for s in states],
+            max_length=max(o.max_tokens - s.completion_tokens for o, s in zip(options, states, strict=True)),
             end_token=list(self._end_tokens),
             include_prompt_in_result=False,
             callback=on_step,
             **sampling_arguments(options[0]),
         )
 
-        results: list[GenerationResult | BaseException] = []
+        results: list[GenerationResult | BaseException | Paused] = []
         for index, state in enumerate(states):
+            if state.paused and state.error is None:
+                results.append(Paused(state))
+                continue
             if state.error is None:
                 try:
                     emit(state, index, state.detokenizer.flush(), final=True)

@@ -191,17 +191,28 @@ def api(host, port, workers, threads) -> None:
     "queues",
     multiple=True,
     type=click.Choice(config.QUEUES),
-    help="Queue to consume (repeatable) [default: GENQUEUE_DEFAULT_QUEUE].",
+    help="Queue to consume (repeatable) [default: the device's, cpu or gpu].",
 )
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), help="[env GENQUEUE_DEVICE, default cpu]")
 @click.option("--compute-type", help="CTranslate2 compute type [default: int8 on cpu, int8_float16 on cuda].")
 @click.option("--model", help="Model name under the models directory, or a path [env GENQUEUE_MODEL].")
 @click.option("--concurrency", type=int, help="Jobs taken from the queue at once [env GENQUEUE_CONCURRENCY].")
 @click.option("--max-batch-size", type=int, help="Jobs one engine call may batch [env GENQUEUE_MAX_BATCH_SIZE].")
-@click.option("--intra-threads", type=int, help="CPU threads per engine call, 0 for automatic.")
+@click.option(
+    "--intra-threads",
+    type=int,
+    help="CPU threads per engine call, 0 for CTranslate2's default [env GENQUEUE_INTRA_THREADS].",
+)
+@click.option(
+    "--inter-threads",
+    type=int,
+    help="Engine replicas: calls run in parallel on one copy of the weights [env GENQUEUE_INTER_THREADS].",
+)
 @click.option("--loglevel", default="INFO", show_default=True)
 @click.option("--events", is_flag=True, help="Send Celery task events (for Flower's task views).")
-def worker(queues, device, compute_type, model, concurrency, max_batch_size, intra_threads, loglevel, events) -> None:
+def worker(
+    queues, device, compute_type, model, concurrency, max_batch_size, intra_threads, inter_threads, loglevel, events
+) -> None:
     """Run a worker: one model in this process, serving its queue's jobs in batches."""
     settings = export(
         device=device,
@@ -210,9 +221,10 @@ def worker(queues, device, compute_type, model, concurrency, max_batch_size, int
         concurrency=concurrency,
         max_batch_size=max_batch_size,
         intra_threads=intra_threads,
+        inter_threads=inter_threads,
         queues=list(queues) if queues else None,
     )
-    queues = settings.get("QUEUES") or [settings["DEFAULT_QUEUE"]]
+    queues = config.worker_queues(settings)
     from tasks.app import celery_app, consumed_queues
 
     # Threads, not prefork: one model copy serves all of the worker's jobs, and nothing forks after

@@ -30,7 +30,7 @@ DEFAULTS: dict[str, Any] = {
     "SYNC_TIMEOUT_S": 300,
     # Seconds between SSE keep-alive comments on a stream with nothing to send.
     "SSE_KEEPALIVE_S": 15,
-    # Queue a job goes to when the request does not name one.
+    # Queue a job goes to when the request names none and no GPU worker is alive (then: gpu).
     "DEFAULT_QUEUE": "cpu",
     # Worker: device (cpu or cuda), CTranslate2 compute type (None: int8 on cpu, int8_float16 on cuda),
     # threads per engine call (0: CTranslate2 picks), engine replicas.
@@ -39,10 +39,15 @@ DEFAULTS: dict[str, Any] = {
     "INTRA_THREADS": 0,
     "INTER_THREADS": 1,
     # Worker: jobs taken at once from the queue, and how many of them one engine call may batch.
-    "CONCURRENCY": 8,
-    "MAX_BATCH_SIZE": 8,
-    # Worker: how long the batcher waits for more jobs to join a batch (seconds).
-    "GATHER_WINDOW_S": 0.005,
+    "CONCURRENCY": 16,
+    "MAX_BATCH_SIZE": 16,
+    # Worker: how long an idle engine waits for more jobs before it starts a batch (seconds); jobs
+    # that come later join the running batch while it is young (see tasks/batcher.py).
+    "GATHER_WINDOW_S": 0.0,
+    # Worker: jobs whose prompts differ in length by more tokens than this run in separate batches
+    # (CTranslate2 reads the extra tokens of a longer prompt one step at a time, for the whole batch);
+    # also the most steps a batch lets newcomers joining it cost.
+    "MAX_LENGTH_SPREAD": 32,
     # Backpressure: past this many jobs waiting in a queue, submissions get 429.
     "MAX_QUEUED_JOBS": 10000,
     # Largest request body the API reads (bytes); larger ones get 413.
@@ -76,6 +81,12 @@ DEFAULTS: dict[str, Any] = {
 }
 
 QUEUES = ("cpu", "gpu")
+DEVICE_QUEUES = {"cpu": "cpu", "cuda": "gpu"}  # the queue a worker consumes unless told otherwise
+
+
+def worker_queues(settings: Mapping[str, Any]) -> list[str]:
+    """The queues a worker consumes: QUEUES if given, else its device's (cpu: cpu, cuda: gpu)."""
+    return list(settings.get("QUEUES") or [DEVICE_QUEUES.get(settings["DEVICE"], settings["DEFAULT_QUEUE"])])
 
 
 def parse_value(raw: str) -> Any:

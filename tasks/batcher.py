@@ -1,104 +1,228 @@
 """Gathers concurrently running jobs of one worker process into shared engine calls.
 
 CTranslate2 never merges concurrent calls, so each job thread hands its prompt to the batcher and
-waits; one engine thread takes whatever is pending (up to max_batch_size, waiting gather_window_s for
-more), groups prompts whose sampling settings and model variant (LoRA) match, and runs each group as
-one generate_batch of that variant's model.
+waits. An engine thread (one per engine replica) takes the oldest pending job and, in arrival order,
+every other pending job that may share its call: the same sampling settings and model variant
+(batch_key: LoRA variants are separate models), up to
+max_batch_size jobs, and prompt lengths within max_length_spread tokens of each other (CTranslate2
+reads the extra tokens of a longer prompt one step at a time, so a wide spread costs the whole
+batch those steps).
+
+A job that arrives while a call runs does not wait for that call to end when it can join it: the
+call is paused after its current token, and runs on at once with the newcomers, each paused prompt
+going on from its last token (engine/model.py, Paused). Going on, a paused prompt re-reads what it
+generated one step at a time, which delays the whole call by that many steps; a call takes such
+delays only up to max_length_spread steps in all, so it is paused a few times while young and then
+runs to its end. A job that cannot join waits for the running call to end: at most one batch.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from engine import EncodedPrompt, FinishReason, GenerationResult, Model, Usage
+from engine.model import Paused, resumable
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(eq=False)
 class BatchItem:
     prompt: EncodedPrompt
     on_chunk: Callable[[str], None]
     should_stop: Callable[[], bool]
+    label: str = ""
+    work: EncodedPrompt | Paused | None = None  # what the next engine call starts from
+    generated: int = 0  # tokens so far (counted as the engine asks should_stop)
+    arrived: float = field(default_factory=time.monotonic)
     done: threading.Event = field(default_factory=threading.Event)
     outcome: GenerationResult | BaseException | None = None
+
+    def __post_init__(self) -> None:
+        self.work = self.prompt
+
+    @property
+    def key(self) -> tuple:
+        return self.prompt.request.options.batch_key()
+
+    @property
+    def length(self) -> int:
+        """Tokens the engine would read before generating, were the item (re)started now."""
+        return len(self.prompt.tokens) + self.generated
+
+    def step(self) -> bool:
+        self.generated += 1
+        return self.should_stop()
+
+    def end(self, outcome: GenerationResult | BaseException) -> None:
+        self.outcome = outcome
+        self.done.set()
+
+
+@dataclass(eq=False)
+class EngineCall:
+    """The jobs one engine thread runs now, and the flag that pauses them so newcomers can join."""
+
+    items: list[BatchItem]
+    pause: threading.Event = field(default_factory=threading.Event)
+    reread: int = 0  # steps its pauses cost it so far (tokens its paused prompts read again)
+
+    @property
+    def pause_cost(self) -> int:
+        """Steps pausing now would cost: the paused prompts re-read what they generated."""
+        return max((item.generated for item in self.items), default=0)
+
+    @property
+    def key(self) -> tuple:
+        return self.items[0].key
 
 
 class Batcher:
     def __init__(
         self,
         models: Mapping[str | None, Model],
-        max_batch_size: int = 8,
-        gather_window_s: float = 0.005,
+        max_batch_size: int = 16,
+        gather_window_s: float = 0.0,
+        max_length_spread: int = 32,
+        replicas: int = 1,
         on_batch: Callable[[int], None] = lambda _size: None,  # told each engine call's size (metrics)
+        on_idle: Callable[[], None] = lambda: None,  # called when the last running call ends with none pending
     ):
         self.models = dict(models)  # by LoRA variant name; None is the base model
-        self.on_batch = on_batch
         self.max_batch_size = max(1, int(max_batch_size))
-        self.gather_window_s = float(gather_window_s)
-        self._pending: queue.Queue[BatchItem] = queue.Queue()
-        self._thread = threading.Thread(target=self._loop, name="genqueue-batcher", daemon=True)
-        self._thread.start()
+        self.gather_window_s = max(0.0, float(gather_window_s))
+        self.max_length_spread = max(0, int(max_length_spread))
+        self.on_batch = on_batch
+        self.on_idle = on_idle
+        self._pending: list[BatchItem] = []  # in arrival order
+        self._running: list[EngineCall] = []
+        self._lock = threading.Condition()
+        # One engine thread per replica: CTranslate2 runs that many calls in parallel (inter_threads).
+        self._replicas = max(1, int(replicas))
+        for n in range(self._replicas):
+            threading.Thread(target=self._loop, name=f"genqueue-engine-{n}", daemon=True).start()
 
     def run(
         self,
         prompt: EncodedPrompt,
         on_chunk: Callable[[str], None],
         should_stop: Callable[[], bool] = lambda: False,
+        label: str = "",
     ) -> GenerationResult:
         """Generate for one prompt, batched with whatever else runs; blocks until it ends."""
-        item = BatchItem(prompt, on_chunk, should_stop)
-        self._pending.put(item)
+        item = BatchItem(prompt, on_chunk, should_stop, label)
+        with self._lock:
+            self._pending.append(item)
+            if len(self._running) < self._replicas:
+                self._lock.notify()  # an idle engine thread takes it
+            else:
+                for call in self._running:
+                    if self._may_join(call, item):
+                        call.pause.set()  # the call stops after its current token and takes the newcomer
+                        break
         item.done.wait()
         if isinstance(item.outcome, BaseException):
             raise item.outcome
         return item.outcome
 
-    def _gather(self) -> list[BatchItem]:
-        items = [self._pending.get()]
-        deadline = time.monotonic() + self.gather_window_s
-        while len(items) < self.max_batch_size:
-            remaining = deadline - time.monotonic()
-            try:
-                items.append(self._pending.get(timeout=remaining) if remaining > 0 else self._pending.get_nowait())
-            except queue.Empty:
-                break
-        return items
+    # -- choosing batches (all under self._lock) -----------------------------------------------
+
+    def _fits(self, chosen: list[BatchItem], item: BatchItem) -> bool:
+        if item.key != chosen[0].key or len(chosen) >= self.max_batch_size:
+            return False
+        lengths = [c.length for c in chosen] + [item.length]
+        return max(lengths) - min(lengths) <= self.max_length_spread
+
+    def _may_join(self, call: EngineCall, item: BatchItem) -> bool:
+        """Whether pausing a running call so that item joins it is worth it (see the module doc)."""
+        return (
+            bool(call.items)  # an ending call has none: it takes no one
+            and resumable(item.prompt.request.options)
+            and call.reread + call.pause_cost <= self.max_length_spread
+            and self._fits(call.items, item)
+        )
+
+    def _take_pending(self, chosen: list[BatchItem]) -> list[BatchItem]:
+        """chosen (the oldest pending job if empty), then the pending jobs that may join it, in order."""
+        chosen = list(chosen) or [self._pending.pop(0)]
+        for item in list(self._pending):
+            if self._fits(chosen, item):
+                chosen.append(item)
+                self._pending.remove(item)
+        return chosen
+
+    # -- the engine threads --------------------------------------------------------------------
 
     def _loop(self) -> None:
         while True:
-            items = self._gather()
-            groups: dict[tuple, list[BatchItem]] = {}
-            for item in items:
-                groups.setdefault(item.prompt.request.options.batch_key(), []).append(item)
-            for group in groups.values():
-                self._run_group(group)
+            with self._lock:
+                while not self._pending:
+                    self._lock.wait()
+                # Jobs sent together reach the worker a little apart: give the others a moment
+                # (counted from the oldest job's arrival: one that waited for a batch waits no more).
+                deadline = self._pending[0].arrived + self.gather_window_s
+                while 0 < len(self._pending) < self.max_batch_size and time.monotonic() < deadline:
+                    self._lock.wait(deadline - time.monotonic())
+                if not self._pending:  # another engine thread took them
+                    continue
+                call = EngineCall(self._take_pending([]))
+                self._running.append(call)
+            try:
+                self._run(call)
+            finally:
+                with self._lock:
+                    self._running.remove(call)
+                    if self._pending:
+                        self._lock.notify()
+                    idle = not self._pending and not self._running
+            if idle:
+                self.on_idle()
 
-    def _run_group(self, group: list[BatchItem]) -> None:
-        # Jobs cancelled while they waited for a batch end here, without taking a slot in it.
-        for item in [item for item in group if item.should_stop()]:
-            group.remove(item)
-            usage = Usage(len(item.prompt.tokens), 0)
-            item.outcome = GenerationResult(response="", usage=usage, finish_reason=FinishReason.CANCELLED)
-            item.done.set()
-        if not group:
-            return
-        self.on_batch(len(group))
-        model = self.models[group[0].prompt.request.options.lora]  # the batch key holds the variant
+    def _run(self, call: EngineCall) -> None:
+        while call.items:
+            items = self._drop_cancelled(call.items)
+            if items:
+                self._call_engine(call, items)
+            with self._lock:
+                call.pause.clear()
+                paused = [item for item in items if not item.done.is_set()]
+                if paused:
+                    call.reread += max(item.generated for item in paused)
+                call.items = self._take_pending(paused) if paused else []
+
+    def _drop_cancelled(self, items: list[BatchItem]) -> list[BatchItem]:
+        """Jobs cancelled before they started end here, without taking a slot in the call."""
+        kept = []
+        for item in items:
+            if isinstance(item.work, EncodedPrompt) and item.should_stop():
+                usage = Usage(len(item.prompt.tokens), 0)
+                item.end(GenerationResult(response="", usage=usage, finish_reason=FinishReason.CANCELLED))
+            else:
+                kept.append(item)
+        return kept
+
+    def _call_engine(self, call: EngineCall, items: list[BatchItem]) -> None:
+        resumed = sum(isinstance(item.work, Paused) for item in items)
+        log.info("engine call: %d jobs (%d resumed)", len(items), resumed)
+        self.on_batch(len(items))
         try:
+            model = self.models[items[0].prompt.request.options.lora]  # the batch key holds the variant
             outcomes = model.generate_batch(
-                [item.prompt for item in group],
-                on_chunk=lambda i, text: group[i].on_chunk(text),
-                should_stop=lambda i: group[i].should_stop(),
+                [item.work for item in items],
+                on_chunk=lambda i, text: items[i].on_chunk(text),
+                should_stop=lambda i: items[i].step(),
+                should_pause=call.pause.is_set,
             )
         except BaseException as exc:  # the engine call failed: every job in it fails with the cause
-            log.exception("engine call for %d jobs failed", len(group))
-            outcomes = [exc] * len(group)
-        for item, outcome in zip(group, outcomes, strict=True):
-            item.outcome = outcome
-            item.done.set()
+            log.exception("engine call for %d jobs failed", len(items))
+            outcomes = [exc] * len(items)
+        for item, outcome in zip(items, outcomes, strict=True):
+            if isinstance(outcome, Paused):
+                item.work = outcome
+                item.generated = outcome.completion_tokens
+            else:
+                item.end(outcome)

@@ -1,8 +1,9 @@
 """Hears job cancellations in a worker process, so a running job stops within a few tokens.
 
 The API publishes a cancelled job's id on one channel; each worker keeps the ids of its own running
-jobs that were cancelled. A job also rereads its cancel flag every CANCEL_POLL_S, which covers a
-cancellation published while this listener was reconnecting.
+jobs that were cancelled. A poller also rereads the cancel flags of all running jobs every
+CANCEL_POLL_S in one round trip, which covers a cancellation published while the listener was
+reconnecting. Neither runs on the engine's thread: asking whether a job is cancelled is a set lookup.
 """
 
 from __future__ import annotations
@@ -22,16 +23,21 @@ RECONNECT_DELAY_S = 1.0
 
 
 class CancelWatcher:
-    def __init__(self, client: redis.Redis):
+    def __init__(self, client: redis.Redis, poll_s: float = CANCEL_POLL_S):
         self._client = client
+        self._poll_s = poll_s
         self._running: set[str] = set()
         self._cancelled: set[str] = set()
         self._lock = threading.Lock()
         threading.Thread(target=self._listen, name="genqueue-cancel", daemon=True).start()
+        threading.Thread(target=self._poll, name="genqueue-cancel-poll", daemon=True).start()
 
-    def watch(self, job_id: str) -> None:
+    def watch(self, job_id: str, cancelled: bool = False) -> None:
+        """Start watching a job; cancelled: its record already asks for it to stop."""
         with self._lock:
             self._running.add(job_id)
+            if cancelled:
+                self._cancelled.add(job_id)
 
     def forget(self, job_id: str) -> None:
         with self._lock:
@@ -41,6 +47,11 @@ class CancelWatcher:
     def is_cancelled(self, job_id: str) -> bool:
         return job_id in self._cancelled
 
+    def _mark(self, job_id: str) -> None:
+        with self._lock:
+            if job_id in self._running:
+                self._cancelled.add(job_id)
+
     def _listen(self) -> None:
         while True:
             pubsub = self._client.pubsub(ignore_subscribe_messages=True)
@@ -48,12 +59,28 @@ class CancelWatcher:
                 pubsub.subscribe(keys.CANCEL_CHANNEL)
                 for message in pubsub.listen():
                     job_id = message["data"]
-                    job_id = job_id.decode() if isinstance(job_id, bytes) else job_id
-                    with self._lock:
-                        if job_id in self._running:
-                            self._cancelled.add(job_id)
+                    self._mark(job_id.decode() if isinstance(job_id, bytes) else job_id)
             except redis.RedisError as exc:
                 log.warning("cancel listener lost Redis (%s); reconnecting", exc)
                 time.sleep(RECONNECT_DELAY_S)
             finally:
                 pubsub.close()
+
+    def _poll(self) -> None:
+        while True:
+            time.sleep(self._poll_s)
+            with self._lock:
+                running = sorted(self._running - self._cancelled)
+            if not running:
+                continue
+            try:
+                with self._client.pipeline(transaction=False) as pipe:
+                    for job_id in running:
+                        pipe.hget(keys.job(job_id), "cancel_requested")
+                    flags = pipe.execute()
+            except redis.RedisError as exc:
+                log.warning("cancel poll failed: %s", exc)
+                continue
+            for job_id, flag in zip(running, flags, strict=True):
+                if flag in ("1", b"1"):
+                    self._mark(job_id)

@@ -72,3 +72,8 @@ METRICS_COUNTERS = f"{PREFIX}:metrics:counters"
 
 def metrics_histogram(name: str) -> str:
     return f"{PREFIX}:metrics:histogram:{name}"
+
+
+def queue_served(queue: str) -> str:
+    """Exists while some worker consuming the queue beats (each heartbeat sets it, with its TTL)."""
+    return f"{PREFIX}:queue:{queue}:served"

@@ -7,6 +7,9 @@ through one Batcher. The LoRA variants recorded in the model's genqueue.json loa
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
 import logging
 import os
 import socket
@@ -24,15 +27,27 @@ from genqueue import config
 from tasks import keys
 from tasks.app import GENERATE_TASK, celery_app
 from tasks.batcher import Batcher
-from tasks.cancel import CANCEL_POLL_S, CancelWatcher
+from tasks.cancel import CancelWatcher
 from tasks.metrics import MetricsRecorder
 from tasks.states import JobState
 from tasks.store import JobRecord, JobStore
+from tasks.writer import ChunkWriter
 
 log = logging.getLogger(__name__)
 
 HEARTBEAT_INTERVAL_S = 5
 HEARTBEAT_TTL_S = 15
+
+
+def release_free_memory() -> None:
+    """Give the memory a finished batch freed (its KV cache and activations) back to the system.
+
+    glibc keeps freed blocks for reuse, so an idle worker would otherwise hold on to the peak of its
+    largest batch. Called when the engine goes idle, never while it works."""
+    libc_name = ctypes.util.find_library("c")
+    if libc_name:
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(libc_name).malloc_trim(0)
 
 
 class WorkerRuntime:
@@ -55,8 +70,15 @@ class WorkerRuntime:
             self.models[name] = Model(path, lora=name, **engine_settings)
         self.metrics = MetricsRecorder(self.store.redis)
         self.batcher = Batcher(
-            self.models, settings["MAX_BATCH_SIZE"], settings["GATHER_WINDOW_S"], self.metrics.engine_batch
+            self.models,
+            max_batch_size=settings["MAX_BATCH_SIZE"],
+            gather_window_s=settings["GATHER_WINDOW_S"],
+            max_length_spread=settings["MAX_LENGTH_SPREAD"],
+            replicas=settings["INTER_THREADS"],
+            on_batch=self.metrics.engine_batch,
+            on_idle=release_free_memory,
         )
+        self.writer = ChunkWriter(self.store)
         self.cancels = CancelWatcher(self.store.redis)
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
         self._active: set[str] = set()  # jobs this process is running now
@@ -67,9 +89,9 @@ class WorkerRuntime:
 
     def _heartbeat(self) -> None:
         """Announce this worker, its queues and model, so readiness checks can see it."""
-        queues = ",".join(self.settings.get("QUEUES") or [self.settings["DEFAULT_QUEUE"]])
+        queues = config.worker_queues(self.settings)
         fields = {
-            "queues": queues,
+            "queues": ",".join(queues),
             "model": self.model.name,
             "device": self.model.device,
             "compute_type": self.model.compute_type,
@@ -83,6 +105,8 @@ class WorkerRuntime:
                     pipe.expire(keys.worker(self.worker_id), HEARTBEAT_TTL_S)
                     pipe.zadd(keys.WORKERS, {self.worker_id: now + HEARTBEAT_TTL_S})
                     pipe.zremrangebyscore(keys.WORKERS, "-inf", now)  # workers that stopped beating
+                    for queue in queues:  # the API routes jobs to the GPU queue while this key lives
+                        pipe.set(keys.queue_served(queue), self.worker_id, ex=HEARTBEAT_TTL_S)
                     pipe.execute()
             except redis.RedisError as exc:
                 log.warning("heartbeat failed: %s", exc)
@@ -109,23 +133,26 @@ class WorkerRuntime:
             if claim != "claimed":
                 log.info("job %s: not run (%s)", job_id, claim or "expired")
                 return claim
-            record = self.store.get(job_id)
-            log.info("job %s: running (attempt %d)", job_id, record.attempts)
-            self.metrics.job_started(record.created_at)
             self.cancels.watch(job_id)
             try:
+                record = self.store.get(job_id)
+                if record.cancel_requested:  # cancelled before this worker listened for it
+                    self.cancels.watch(job_id, cancelled=True)
+                log.info("job %s: running (attempt %d)", job_id, record.attempts)
+                self.metrics.job_started(record.created_at)
                 self._generate(job_id, record)
             finally:
                 self.cancels.forget(job_id)
+                self.writer.forget(job_id)
             return claim
         finally:
             with self._active_lock:
                 self._active.discard(job_id)
 
     def _generate(self, job_id: str, record: JobRecord) -> None:
+        # on_chunk and should_stop run on the engine's thread, once per token: they touch no Redis.
+        # The writer sends the chunks; the cancel watcher listens for cancellations.
         seq = 0
-        cancelled = self.store.cancel_requested(job_id)  # cancelled between queue and start
-        next_poll = time.monotonic() + CANCEL_POLL_S
         deadline = time.monotonic() + self.settings["JOB_TIME_LIMIT_S"]
         timed_out = False
 
@@ -134,32 +161,29 @@ class WorkerRuntime:
             seq += 1
             if seq == 1:
                 self.metrics.first_text(record.created_at)
-            self.store.append_chunk(job_id, seq, text)
+            self.writer.append(job_id, seq, text)
 
         def should_stop() -> bool:
-            nonlocal cancelled, next_poll, timed_out
-            now = time.monotonic()
-            if not cancelled and now >= next_poll:
-                next_poll = now + CANCEL_POLL_S
-                cancelled = self.store.cancel_requested(job_id)
-                timed_out = now >= deadline
-            return cancelled or timed_out or self.cancels.is_cancelled(job_id)
+            nonlocal timed_out
+            timed_out = timed_out or time.monotonic() >= deadline
+            return timed_out or self.cancels.is_cancelled(job_id) or self.writer.stopped(job_id)
 
+        error = None
         try:
             request = GenerationRequest.from_dict(record.request)
-            result = self.batcher.run(self.model_for(request).encode(request), on_chunk, should_stop)
+            result = self.batcher.run(self.model_for(request).encode(request), on_chunk, should_stop, label=job_id)
         except EngineError as exc:
             log.info("job %s: failed: %s", job_id, exc.code)
-            if self.store.finish(job_id, seq + 1, JobState.FAILED, error={"code": exc.code, "message": str(exc)}):
-                self.metrics.job_ended(JobState.FAILED.value, record.created_at)
-            return
+            result, error = None, {"code": exc.code, "message": str(exc)}
         except (ValueError, KeyError, TypeError) as exc:  # a stored request this version cannot read
             log.exception("job %s: unreadable request", job_id)
-            error = {"code": "invalid_request", "message": str(exc)}
+            result, error = None, {"code": "invalid_request", "message": str(exc)}
+        self.writer.flush(job_id)  # every chunk is logged before the end event
+        if error is not None:
             if self.store.finish(job_id, seq + 1, JobState.FAILED, error=error):
                 self.metrics.job_ended(JobState.FAILED.value, record.created_at)
             return
-        if timed_out and not cancelled:
+        if timed_out and not self.cancels.is_cancelled(job_id):
             limit = self.settings["JOB_TIME_LIMIT_S"]
             error = {"code": "time_limit_exceeded", "message": f"the job ran over its time limit of {limit}s"}
             if self.store.finish(job_id, seq + 1, JobState.FAILED, result=result.to_dict(), error=error):

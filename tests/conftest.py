@@ -23,7 +23,7 @@ REDIS_BASE_URL = os.environ.get("GENQUEUE_TEST_REDIS", "redis://127.0.0.1:6379")
 # Separate Redis databases keep the test workers apart from each other and from a running genqueue.
 TINY_DB, SMOL_DB, STORE_DB, E2E_DB, LORA_DB = 15, 14, 13, 12, 11
 BATCH_DB = 10  # workers that tests kill or start alone (tests/api/test_batch_recovery.py)
-FAULT_DB, IDLE_DB = 9, 8  # tests/tasks/test_faults.py, tests/api/test_limits.py
+FAULT_DB, IDLE_DB, TINY32_DB = 9, 8, 7  # tests/tasks/test_faults.py, tests/api/test_limits.py, float32 tiny worker
 WORKER_START_TIMEOUT_S = 120
 
 
@@ -33,7 +33,7 @@ def redis_url(db: int) -> str:
 
 @pytest.fixture(scope="session", autouse=True)
 def clean_redis():
-    for db in (TINY_DB, SMOL_DB, STORE_DB, E2E_DB, LORA_DB, BATCH_DB, FAULT_DB, IDLE_DB):
+    for db in (TINY_DB, SMOL_DB, STORE_DB, E2E_DB, LORA_DB, BATCH_DB, FAULT_DB, IDLE_DB, TINY32_DB):
         try:
             redis.Redis.from_url(redis_url(db)).flushdb()
         except redis.ConnectionError as exc:
@@ -133,6 +133,14 @@ class WorkerProcess:
 @pytest.fixture(scope="session")
 def tiny_worker(tiny_dir):
     worker = WorkerProcess(tiny_dir, TINY_DB, concurrency=4, max_batch_size=4)
+    yield worker
+    worker.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny32_worker(tiny_dir):
+    """A worker on the tiny model in float32: a job's greedy output does not depend on its batch."""
+    worker = WorkerProcess(tiny_dir, TINY32_DB, compute_type="float32", concurrency=8, max_batch_size=8)
     yield worker
     worker.stop()
 

@@ -10,6 +10,7 @@ from engine import (
     ModelNotFoundError,
     SamplingOptions,
 )
+from engine.model import Paused
 
 GREEDY = SamplingOptions(temperature=0, max_tokens=24)
 
@@ -175,3 +176,42 @@ def test_repetition_penalty_changes_the_greedy_output_as_ctranslate2_defines_it(
     )[0].sequences_ids[0]
     assert tiny.generate(penalized).response == tiny.tokenizer.decode(direct)
     assert tiny.generate(penalized).response != tiny.generate(prompt.request).response
+
+
+@pytest.fixture(scope="module")
+def tiny32(tiny_dir):
+    # float32: a prompt's greedy output does not depend on what it is batched with (see README, Performance).
+    return Model(tiny_dir, compute_type="float32")
+
+
+def test_a_paused_batch_goes_on_exactly_where_it_stopped(tiny32):
+    def encode(text: str, max_tokens: int):
+        options = SamplingOptions(temperature=0, max_tokens=max_tokens)
+        return tiny32.encode(GenerationRequest(prompt=text, options=options))
+
+    first = [encode("a story about the sea", 30), encode("hi", 12)]
+    late = encode("a later prompt, longer than the others are", 20)
+    alone = [tiny32.generate_batch([p])[0] for p in (*first, late)]
+
+    asked = 0
+
+    def pause_after_a_few_tokens() -> bool:
+        nonlocal asked
+        asked += 1
+        return asked > 10
+
+    seen: dict[int, list[str]] = {0: [], 1: [], 2: []}
+    paused = tiny32.generate_batch(
+        first, on_chunk=lambda i, t: seen[i].append(t), should_pause=pause_after_a_few_tokens
+    )
+    assert all(isinstance(p, Paused) for p in paused)
+    for p, prompt in zip(paused, first, strict=True):
+        assert 0 < p.completion_tokens < prompt.request.options.max_tokens
+        assert p.length == len(prompt.tokens) + p.completion_tokens
+    assert all(alone[i].response.startswith("".join(seen[i])) for i in range(2))
+
+    # Go on with the paused prompts and a new one in one call: each ends as it would have alone,
+    # and the chunks of before and after the pause add up to the response.
+    results = tiny32.generate_batch([*paused, late], on_chunk=lambda i, t: seen[i].append(t))
+    assert results == alone
+    assert ["".join(seen[i]) for i in range(3)] == [r.response for r in results]
