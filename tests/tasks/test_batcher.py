@@ -114,7 +114,7 @@ def test_jobs_batched_together_give_exactly_their_outputs_alone(smol32):
     assert len({r.response for r in expected}) == len(prompts)
     model = RecordingModel(smol32)
     # A long gather window and room for exactly these jobs: they start as one engine call.
-    batcher = Batcher(model, max_batch_size=len(prompts), gather_window_s=30, max_length_spread=64)
+    batcher = Batcher({None: model}, max_batch_size=len(prompts), gather_window_s=30, max_length_spread=64)
     jobs = run_together([Job(batcher, p) for p in prompts])
 
     assert [len(call) for call in model.calls] == [len(prompts)]
@@ -130,7 +130,7 @@ def test_jobs_with_other_sampling_settings_run_in_their_own_engine_calls(tiny32)
     hotter = [tiny32.encode(request("six", max_tokens=10, temperature=1.5))]
     model = RecordingModel(tiny32)
     # All six arrive within the window; each group of settings then starts without waiting long.
-    batcher = Batcher(model, max_batch_size=6, gather_window_s=1)
+    batcher = Batcher({None: model}, max_batch_size=6, gather_window_s=1)
     jobs = run_together([Job(batcher, p) for p in greedy + sampled + hotter])
 
     keys_per_call = [{p.request.options.batch_key() for p in call} for call in model.calls]
@@ -148,7 +148,7 @@ def test_a_job_arriving_while_a_batch_runs_joins_it_and_every_output_stays_exact
     expected = [alone(tiny32, p) for p in (*running, late)]
     model = RecordingModel(tiny32)
     # The first two start together (the gather window ends before the batch is full).
-    batcher = Batcher(model, max_batch_size=4, gather_window_s=1, max_length_spread=32)
+    batcher = Batcher({None: model}, max_batch_size=4, gather_window_s=1, max_length_spread=32)
     first = [Job(batcher, p).start() for p in running]
     wait_for(lambda: len(first[0].chunks) >= 2)
     newcomer = Job(batcher, late).start()
@@ -165,7 +165,7 @@ def test_a_job_too_unlike_the_running_batch_waits_for_it_instead(tiny32):
     running = tiny32.encode(request("short", max_tokens=200))
     long_prompt = tiny32.encode(request("a much longer prompt " * 12, max_tokens=20))
     model = RecordingModel(tiny32)
-    batcher = Batcher(model, max_batch_size=4, gather_window_s=0, max_length_spread=16)
+    batcher = Batcher({None: model}, max_batch_size=4, gather_window_s=0, max_length_spread=16)
     first = Job(batcher, running).start()
     wait_for(lambda: len(first.chunks) >= 2)
     newcomer = Job(batcher, long_prompt).start()
@@ -179,7 +179,7 @@ def test_a_batch_takes_newcomers_only_while_re_reading_costs_it_few_steps(tiny32
     first, second, third = [tiny32.encode(request(p, max_tokens=80)) for p in ("job one", "job two", "job six")]
     assert len({len(p.tokens) for p in (first, second, third)}) == 1
     model = RecordingModel(tiny32)
-    batcher = Batcher(model, max_batch_size=4, gather_window_s=0, max_length_spread=60)
+    batcher = Batcher({None: model}, max_batch_size=4, gather_window_s=0, max_length_spread=60)
     running = Job(batcher, first, token_delay_s=0.015).start()
     wait_for(lambda: running.tokens >= 5)
     joins = Job(batcher, second).start()  # pausing costs about 5 steps: it joins
@@ -196,7 +196,7 @@ def test_a_cancelled_job_in_a_batch_stops_alone(tiny32):
     prompts = [tiny32.encode(request(p, max_tokens=60)) for p in ("first job", "second job", "third job")]
     expected = [alone(tiny32, p) for p in prompts]
     model = RecordingModel(tiny32)
-    batcher = Batcher(model, max_batch_size=3, gather_window_s=30)
+    batcher = Batcher({None: model}, max_batch_size=3, gather_window_s=30)
     jobs = [Job(batcher, prompts[0]), Job(batcher, prompts[1], stop_after_chunks=5), Job(batcher, prompts[2])]
     results = [job.result for job in run_together(jobs)]
 
@@ -210,7 +210,7 @@ def test_a_cancelled_job_in_a_batch_stops_alone(tiny32):
 def test_a_job_cancelled_before_its_batch_starts_takes_no_slot(tiny32):
     prompts = [tiny32.encode(request(p, max_tokens=8)) for p in ("kept", "cancelled")]
     model = RecordingModel(tiny32)
-    batcher = Batcher(model, max_batch_size=2, gather_window_s=30)
+    batcher = Batcher({None: model}, max_batch_size=2, gather_window_s=30)
     jobs = [Job(batcher, prompts[0]), Job(batcher, prompts[1], stop_after_chunks=0)]
     kept, cancelled = [job.result for job in run_together(jobs)]
     assert model.calls == [[prompts[0]]]
