@@ -61,6 +61,7 @@ def create_celery(settings: Mapping[str, Any] | None = None) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
+        broker_transport="tasks.transport:Transport",  # kombu's Redis transport, surviving a Redis outage
         broker_transport_options=transport_options(settings),
         # Workers wait for Redis as long as it takes; the API gives up fast and answers 503.
         broker_connection_retry_on_startup=True,
