@@ -291,7 +291,7 @@ class Stack:
         python = sys.executable
         self.worker = self._spawn(
             "worker",
-            [python, "-m", "genqueue.cli", "worker", "--loglevel", os.environ.get("BENCH_WORKER_LOGLEVEL", "WARNING")],
+            [python, "-m", "genqueue.cli", "worker", "--loglevel", "INFO"],
             env,
         )
         self.api = self._spawn("api", [python, "-m", "genqueue.cli", "api"], env)

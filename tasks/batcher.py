@@ -29,6 +29,12 @@ from engine.model import Paused, resumable
 
 log = logging.getLogger(__name__)
 
+# After a pause, a call waits while jobs keep arriving (until none came for JOIN_GAP_S, at most
+# JOIN_WINDOW_S): jobs sent together reach the worker spread over up to hundreds of ms, and each later
+# pause would make every prompt of the call be read again.
+JOIN_GAP_S = 0.1
+JOIN_WINDOW_S = 0.5
+
 
 @dataclass(eq=False)
 class BatchItem:
@@ -89,6 +95,8 @@ class Batcher:
         gather_window_s: float = 0.0,
         max_length_spread: int = 32,
         replicas: int = 1,
+        join_gap_s: float = JOIN_GAP_S,
+        join_window_s: float = JOIN_WINDOW_S,
         on_batch: Callable[[int], None] = lambda _size: None,  # told each engine call's size (metrics)
         on_idle: Callable[[], None] = lambda: None,  # called when the last running call ends with none pending
     ):
@@ -96,9 +104,11 @@ class Batcher:
         self.max_batch_size = max(1, int(max_batch_size))
         self.gather_window_s = max(0.0, float(gather_window_s))
         self.max_length_spread = max(0, int(max_length_spread))
+        self.join_gap_s, self.join_window_s = join_gap_s, join_window_s
         self.on_batch = on_batch
         self.on_idle = on_idle
         self._pending: list[BatchItem] = []  # in arrival order
+        self._last_arrival = 0.0
         self._running: list[EngineCall] = []
         self._lock = threading.Condition()
         # One engine thread per replica: CTranslate2 runs that many calls in parallel (inter_threads).
@@ -117,9 +127,9 @@ class Batcher:
         item = BatchItem(prompt, on_chunk, should_stop, label)
         with self._lock:
             self._pending.append(item)
-            if len(self._running) < self._replicas:
-                self._lock.notify()  # an idle engine thread takes it
-            else:
+            self._last_arrival = item.arrived
+            self._lock.notify_all()  # an idle engine thread takes it, or a paused call waiting for more
+            if len(self._running) >= self._replicas:
                 for call in self._running:
                     if self._may_join(call, item):
                         call.pause.set()  # the call stops after its current token and takes the newcomer
@@ -146,14 +156,19 @@ class Batcher:
             and self._fits(call.items, item)
         )
 
+    def _batch_with(self, chosen: list[BatchItem]) -> list[BatchItem]:
+        """chosen, then the pending jobs that may join it, in arrival order (nothing is taken)."""
+        batch = list(chosen)
+        for item in self._pending:
+            if item not in batch and self._fits(batch, item):
+                batch.append(item)
+        return batch
+
     def _take_pending(self, chosen: list[BatchItem]) -> list[BatchItem]:
-        """chosen (the oldest pending job if empty), then the pending jobs that may join it, in order."""
-        chosen = list(chosen) or [self._pending.pop(0)]
-        for item in list(self._pending):
-            if self._fits(chosen, item):
-                chosen.append(item)
-                self._pending.remove(item)
-        return chosen
+        """chosen (the oldest pending job if empty) and the pending jobs that may join it, taken."""
+        batch = self._batch_with(chosen or [self._pending[0]])
+        self._pending = [item for item in self._pending if item not in batch]
+        return batch
 
     # -- the engine threads --------------------------------------------------------------------
 
@@ -188,11 +203,21 @@ class Batcher:
             if items:
                 self._call_engine(call, items)
             with self._lock:
-                call.pause.clear()
                 paused = [item for item in items if not item.done.is_set()]
                 if paused:
                     call.reread += max(item.generated for item in paused)
+                    self._wait_for_joiners(paused)
+                call.pause.clear()  # after the wait: who arrived during it joins now, with no new pause
                 call.items = self._take_pending(paused) if paused else []
+
+    def _wait_for_joiners(self, paused: list[BatchItem]) -> None:
+        cap = time.monotonic() + self.join_window_s
+        while len(self._batch_with(paused)) < self.max_batch_size:
+            now = time.monotonic()
+            until = min(cap, self._last_arrival + self.join_gap_s)
+            if now >= until:
+                return
+            self._lock.wait(until - now)
 
     def _drop_cancelled(self, items: list[BatchItem]) -> list[BatchItem]:
         """Jobs cancelled before they started end here, without taking a slot in the call."""

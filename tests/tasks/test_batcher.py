@@ -161,6 +161,24 @@ def test_a_job_arriving_while_a_batch_runs_joins_it_and_every_output_stays_exact
     assert [isinstance(p, Paused) for p in model.calls[1]] == [True, True, False] and model.calls[1][2] == late
 
 
+def test_jobs_arriving_one_after_another_join_a_batch_in_one_pause(tiny32):
+    running = tiny32.encode(request("the first job", max_tokens=100))
+    later = [tiny32.encode(request(p, max_tokens=30)) for p in ("second job", "third job", "fourth job")]
+    model = RecordingModel(tiny32)
+    # A paused call waits while jobs keep coming (none for a second ends the wait).
+    batcher = Batcher(model, max_batch_size=8, gather_window_s=0, join_gap_s=1, join_window_s=10)
+    first = Job(batcher, running, token_delay_s=0.01).start()
+    wait_for(lambda: first.tokens >= 2)
+    jobs = []
+    for prompt in later:
+        jobs.append(Job(batcher, prompt).start())
+        time.sleep(0.02)
+    results = [job.join() for job in (first, *jobs)]
+
+    assert [[isinstance(p, Paused) for p in call] for call in model.calls] == [[False], [True, False, False, False]]
+    assert results == [alone(tiny32, p) for p in (running, *later)]
+
+
 def test_a_job_too_unlike_the_running_batch_waits_for_it_instead(tiny32):
     running = tiny32.encode(request("short", max_tokens=200))
     long_prompt = tiny32.encode(request("a much longer prompt " * 12, max_tokens=20))
