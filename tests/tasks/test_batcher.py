@@ -166,7 +166,7 @@ def test_jobs_arriving_one_after_another_join_a_batch_in_one_pause(tiny32):
     later = [tiny32.encode(request(p, max_tokens=30)) for p in ("second job", "third job", "fourth job")]
     model = RecordingModel(tiny32)
     # A paused call waits while jobs keep coming (none for a second ends the wait).
-    batcher = Batcher(model, max_batch_size=8, gather_window_s=0, join_gap_s=1, join_window_s=10)
+    batcher = Batcher({None: model}, max_batch_size=8, gather_window_s=0, join_gap_s=1, join_window_s=10)
     first = Job(batcher, running, token_delay_s=0.01).start()
     wait_for(lambda: first.tokens >= 2)
     jobs = []
