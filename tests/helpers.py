@@ -79,3 +79,15 @@ def build_lora_adapter(adapter_dir: Path, hf_dir: Path, seed: int = 1) -> Path:
     )
     get_peft_model(LlamaForCausalLM.from_pretrained(hf_dir), config).save_pretrained(adapter_dir)
     return adapter_dir
+
+
+def weather_few_shot(city: str) -> list[dict]:
+    """Chat turns that teach a small model the documented <tool_call> format, then ask about city."""
+    messages = []
+    for example in ("Rome", "Berlin", "Madrid"):
+        call = json.dumps({"name": "get_weather", "arguments": {"city": example}})
+        messages += [
+            {"role": "user", "content": f"What is the weather in {example}?"},
+            {"role": "assistant", "content": f"<tool_call>{call}</tool_call>"},
+        ]
+    return [*messages, {"role": "user", "content": f"What is the weather in {city}?"}]

@@ -6,7 +6,7 @@ import pytest
 
 from engine import GenerationRequest, Model, SamplingOptions
 from tests.conftest import TINY_DB, make_client
-from tests.helpers import parse_sse, wait_job
+from tests.helpers import parse_sse, wait_job, weather_few_shot
 
 WEATHER = {
     "name": "get_weather",
@@ -109,14 +109,7 @@ def test_functions_are_rendered_into_the_prompt(client):
 
 
 def test_the_real_model_calls_a_tool_through_the_queue_and_the_stream_carries_it(smol_client):
-    messages = []
-    for city in ("Rome", "Berlin", "Madrid"):
-        call = json.dumps({"name": "get_weather", "arguments": {"city": city}})
-        messages += [
-            {"role": "user", "content": f"What is the weather in {city}?"},
-            {"role": "assistant", "content": f"<tool_call>{call}</tool_call>"},
-        ]
-    messages.append({"role": "user", "content": "What is the weather in Paris?"})
+    messages = weather_few_shot("Paris")
     body = {"messages": messages, "tools": [WEATHER], "temperature": 0, "max_tokens": 40}
     job_id = smol_client.post("/v1/jobs", json=body).json["id"]
     result = wait_job(smol_client, job_id)["result"]

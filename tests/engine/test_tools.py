@@ -6,6 +6,7 @@ import pytest
 from engine import GenerationRequest, Model, SamplingOptions
 from engine.tokenizer import ChatTokenizer
 from engine.tools import SYSTEM_PROMPT_HEADER, Tool, parse_tool_calls, tools_from_request
+from tests.helpers import weather_few_shot
 
 WEATHER = {
     "name": "get_weather",
@@ -106,14 +107,7 @@ def test_a_template_with_a_tools_section_renders_them_itself(smollm2_dir, tmp_pa
 
 def test_the_real_model_calls_a_tool_and_the_call_is_parsed(smollm2_dir):
     # Few-shot turns teach the 135M model the documented format; it then calls the tool for Paris.
-    messages = []
-    for city in ("Rome", "Berlin", "Madrid"):
-        call = json.dumps({"name": "get_weather", "arguments": {"city": city}})
-        messages += [
-            {"role": "user", "content": f"What is the weather in {city}?"},
-            {"role": "assistant", "content": f"<tool_call>{call}</tool_call>"},
-        ]
-    messages.append({"role": "user", "content": "What is the weather in Paris?"})
+    messages = weather_few_shot("Paris")
     request = GenerationRequest.from_dict({"messages": messages, "tools": [WEATHER], "temperature": 0})
     result = Model(smollm2_dir).generate(request)
     assert result.tool_calls == ({"name": "get_weather", "arguments": {"city": "Paris"}},)
