@@ -41,7 +41,6 @@ class BatchItem:
     prompt: EncodedPrompt
     on_chunk: Callable[[str], None]
     should_stop: Callable[[], bool]
-    label: str = ""
     work: EncodedPrompt | Paused | None = None  # what the next engine call starts from
     generated: int = 0  # tokens so far (counted as the engine asks should_stop)
     arrived: float = field(default_factory=time.monotonic)
@@ -121,10 +120,9 @@ class Batcher:
         prompt: EncodedPrompt,
         on_chunk: Callable[[str], None],
         should_stop: Callable[[], bool] = lambda: False,
-        label: str = "",
     ) -> GenerationResult:
         """Generate for one prompt, batched with whatever else runs; blocks until it ends."""
-        item = BatchItem(prompt, on_chunk, should_stop, label)
+        item = BatchItem(prompt, on_chunk, should_stop)
         with self._lock:
             self._pending.append(item)
             self._last_arrival = item.arrived

@@ -171,7 +171,7 @@ class WorkerRuntime:
         error = None
         try:
             request = GenerationRequest.from_dict(record.request)
-            result = self.batcher.run(self.model_for(request).encode(request), on_chunk, should_stop, label=job_id)
+            result = self.batcher.run(self.model_for(request).encode(request), on_chunk, should_stop)
         except EngineError as exc:
             log.info("job %s: failed: %s", job_id, exc.code)
             result, error = None, {"code": exc.code, "message": str(exc)}
