@@ -26,10 +26,15 @@ class RecordingModel:
     def __init__(self, model: Model):
         self.model = model
         self.calls: list[list] = []
+        self.spans: list[tuple[float, float]] = []  # when each call started and returned
 
     def generate_batch(self, prompts, **callbacks):
         self.calls.append(list(prompts))
-        return self.model.generate_batch(prompts, **callbacks)
+        started = time.monotonic()
+        try:
+            return self.model.generate_batch(prompts, **callbacks)
+        finally:
+            self.spans.append((started, time.monotonic()))
 
 
 @pytest.fixture(scope="module")
@@ -208,6 +213,22 @@ def test_a_batch_takes_newcomers_only_while_re_reading_costs_it_few_steps(tiny32
     assert [[isinstance(p, Paused) for p in call] for call in model.calls] == [[False], [True, False], [False]]
     assert model.calls[2] == [third]
     assert results == [alone(tiny32, p) for p in (first, second, third)]
+
+
+def test_with_two_engine_replicas_a_job_that_cannot_join_runs_beside_the_batch(tiny_dir):
+    model = Model(tiny_dir, compute_type="float32", inter_threads=2)  # two replicas, one copy of the weights
+    greedy = model.encode(request("a long greedy job", max_tokens=200))
+    sampled = model.encode(request("a sampled one", max_tokens=20, temperature=0.8))
+    recorder = RecordingModel(model)
+    batcher = Batcher({None: recorder}, max_batch_size=4, gather_window_s=0, replicas=2)
+    first = Job(batcher, greedy, token_delay_s=0.005).start()
+    wait_for(lambda: first.tokens >= 2)
+    other = Job(batcher, sampled).start()
+    assert other.join().usage.completion_tokens <= 20
+    assert first.join() == alone(model, greedy)
+    assert recorder.calls == [[greedy], [sampled]]
+    (first_start, first_end), (other_start, _) = sorted(recorder.spans)
+    assert first_start < other_start < first_end  # it did not wait for the running call
 
 
 def test_a_cancelled_job_in_a_batch_stops_alone(tiny32):
