@@ -13,7 +13,8 @@ call is paused after its current token, and runs on at once with the newcomers, 
 going on from its last token (engine/model.py, Paused). Going on, a paused prompt re-reads what it
 generated one step at a time, which delays the whole call by that many steps; a call takes such
 delays only up to max_length_spread steps in all, so it is paused a few times while young and then
-runs to its end. A job that cannot join waits for the running call to end: at most one batch.
+runs to its end. A job that cannot join waits for the running call to end (at most one batch; the
+next call starts from the oldest waiting job), or starts at once on an idle replica.
 """
 
 from __future__ import annotations
