@@ -12,6 +12,7 @@ COPY api ./api
 COPY tasks ./tasks
 COPY engine ./engine
 COPY genqueue ./genqueue
+COPY config ./config
 RUN pip install .
 
 FROM build AS build-prepare

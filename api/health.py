@@ -2,33 +2,21 @@
 
 from __future__ import annotations
 
-import time
-
 import redis
 from flask import Blueprint, current_app, jsonify
 
-from api.auth import public
+from api.auth import authenticated, public
 from api.openapi import document
-from genqueue import config
-from tasks import keys
+from api.schemas import HealthSchema, ReadinessSchema
+from api.service import job_service, model_service
+from config import QUEUES
 
 bp = Blueprint("health", __name__)
 
 
-def live_workers(client: redis.Redis) -> list[dict]:
-    """The heartbeat of every live worker: queues, model, LoRA variants, device, running jobs (a worker
-    beats once its models are loaded; keys.WORKERS scores each by when its heartbeat expires)."""
-    ids = client.zrangebyscore(keys.WORKERS, time.time(), "+inf")
-    with client.pipeline(transaction=False) as pipe:
-        for worker_id in ids:
-            pipe.hgetall(keys.worker(worker_id))
-        heartbeats = pipe.execute()
-    return [beat for beat in heartbeats if beat]
-
-
 @bp.get("/healthz")
 @public
-@document("The API process is alive", tags=["Health"], responses={200: ("Always {status: ok}",)})
+@document("The API process is alive", tags=["Health"], responses={200: ("Always {status: ok}", HealthSchema)})
 def healthz():
     return jsonify({"status": "ok"})
 
@@ -37,34 +25,40 @@ def healthz():
 @public
 @document(
     "Ready: Redis answers and a worker with a loaded model consumes the default queue",
+    description=(
+        "Anyone gets the status and what is missing; a caller with a valid API key (or any caller of an "
+        "open API) also gets the queues, models, workers and Redis's error."
+    ),
     tags=["Health"],
-    responses={200: ("Ready, with the live workers",), 503: ("Not ready, and why",)},
+    responses={200: ("Ready", ReadinessSchema), 503: ("Not ready, and what is missing", ReadinessSchema)},
 )
 def readyz():
     """Ready when Redis answers and each queue this API sends jobs to has a worker with a loaded model."""
-    client = current_app.extensions["genqueue.store"].redis
+    body, details = readiness()
+    if authenticated():
+        body.update(details)
+    return jsonify(body), 200 if body["status"] == "ready" else 503
+
+
+def readiness() -> tuple[dict, dict]:
+    """(what anyone may see: status and what is missing, the details only a key holder sees)."""
     try:
-        client.ping()
-        workers = live_workers(client)
-        store = current_app.extensions["genqueue.store"]
-        waiting = {queue: store.queue_depth(queue) for queue in config.QUEUES}  # shown, not judged
+        job_service().store.redis.ping()
+        workers = model_service().registry.live()
+        waiting = {queue: job_service().store.queue_depth(queue) for queue in QUEUES}  # shown, not judged
     except redis.RedisError as exc:
-        reason = f"Redis is unreachable: {exc}"
-        body = {"status": "unavailable", "redis": f"unreachable: {exc}", "workers": [], "missing": [reason]}
-        return jsonify({**body, "reason": reason}), 503
+        missing = ["Redis is unreachable"]
+        return {"status": "unavailable", "missing": missing}, {"redis": f"unreachable: {exc}", "workers": []}
     routed = [current_app.config["DEFAULT_QUEUE"]]  # every job this API submits goes there
     queues, missing = {}, []
     for queue in routed:
-        serving = [w for w in workers if queue in w.get("queues", "").split(",") and w.get("model")]
+        serving = [w for w in workers if w.serves(queue)]
         queues[queue] = {
             "workers": len(serving),
-            "models": sorted({w["model"] for w in serving}),
+            "models": sorted({w.model for w in serving}),
             "waiting": waiting[queue],
         }
         if not serving:
-            jobs = f" ({waiting[queue]} jobs waiting)" if waiting[queue] else ""
-            missing.append(f"no worker with a loaded model consumes the {queue!r} queue{jobs}")
-    body = {"status": "unavailable" if missing else "ready", "redis": "ok", "queues": queues, "workers": workers}
-    if missing:
-        body.update(missing=missing, reason="; ".join(missing))
-    return jsonify(body), 503 if missing else 200
+            missing.append(f"no worker with a loaded model consumes the {queue!r} queue")
+    details = {"redis": "ok", "queues": queues, "workers": [w.to_view() for w in workers]}
+    return {"status": "unavailable" if missing else "ready", "missing": missing}, details

@@ -1,265 +1,210 @@
-"""The jobs resource: submit a generation, read it (optionally waiting), stream its chunks."""
+"""The native jobs resource: submit a generation, list your jobs, read one (optionally waiting),
+stream it, cancel it."""
 
 from __future__ import annotations
 
-import hashlib
-import json
-import secrets
-import time
-from datetime import UTC, datetime
+import re
 
-from flask import Blueprint, Response, current_app, jsonify, request, url_for
-from marshmallow import ValidationError
+from flask import Blueprint, current_app, jsonify, request, url_for
 
-from api import request_id
-from api.auth import current_owner
+from api import waiting
 from api.errors import ApiError
-from api.openapi import document
-from api.schemas import ErrorSchema, GenerationSchema, JobSchema
+from api.generation import Submission
+from api.http import PAGE_PARAMETERS, json_body, list_page, owner, page_limit, submit, validate
+from api.openapi import IDEMPOTENCY_KEY, SSE, document
+from api.schemas import ErrorSchema, GenerationSchema, JobListSchema, JobSchema, StreamEventSchema, to_submission
+from api.service import batch_service, job_service
 from api.sse import job_event_stream
-from tasks import keys
-from tasks.app import enqueue
-from tasks.metrics import MetricsRecorder
-from tasks.states import JobState
-from tasks.store import JobRecord, JobStore
+from tasks.store.states import JobState
+from tasks.store.views import job_view
 
 bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
 
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+PLAIN_INTEGER = re.compile(r"[0-9]{1,16}")  # ASCII digits only: no sign, space, exponent or other script
+MAX_EVENT_ID = 2**53 - 1  # the largest integer a JavaScript client keeps exactly
 
 
-def store() -> JobStore:
-    return current_app.extensions["genqueue.store"]
+def native_submission(body: dict) -> tuple[Submission, bool]:
+    """Validate a native body (POST /v1/jobs, Workers AI): (the submission, whether to stream)."""
+    data = validate(GenerationSchema(), body)
+    return to_submission(data), data.get("stream", False)
 
 
-def iso(timestamp: float | None) -> str | None:
-    if timestamp is None:
-        return None
-    return datetime.fromtimestamp(timestamp, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+def stream_response(job_id: str, after_seq: int = 0, hold: waiting.Hold | None = None, submitted: bool = False):
+    """The job's SSE stream (ownership is checked before the response starts)."""
+    return waiting.stream(job_id, job_event_stream, after_seq, hold, submitted)
 
 
-def job_view(record: JobRecord) -> dict:
-    return {
-        "id": record.id,
-        "status": record.status.value,
-        "created_at": iso(record.created_at),
-        "started_at": iso(record.started_at),
-        "finished_at": iso(record.finished_at),
-        "result": record.result,
-        "error": record.error,
-    }
+def plain_integer(name: str, raw: str, maximum: int, unit: str = "") -> int:
+    """raw as an integer from 0 to maximum, or a 400 naming the parameter."""
+    if PLAIN_INTEGER.fullmatch(raw) and int(raw) <= maximum:
+        return int(raw)
+    raise ApiError(
+        400,
+        "invalid_request",
+        f"{name} must be a whole number{unit} from 0 to {maximum}",
+        {name: [f"Must be an integer from 0 to {maximum}."]},
+    )
 
 
-def json_body() -> dict:
-    """The request's JSON object, or a 415/400 that says what is wrong with it."""
-    if not request.is_json:
-        raise ApiError(415, "unsupported_media_type", "send the body as JSON with Content-Type: application/json")
-    body = request.get_json(silent=True)
-    if body is None:
-        raise ApiError(400, "malformed_json", "the body is not valid JSON")
-    if not isinstance(body, dict):
-        raise ApiError(400, "invalid_request", "the body must be a JSON object")
-    return body
+WAIT = {
+    "name": "wait",
+    "in": "query",
+    "required": False,
+    "description": "Whole seconds (0 to GENQUEUE_MAX_WAIT_S) to wait for the job to end before answering",
+    "schema": {"type": "integer", "minimum": 0},
+}
 
 
-def validate(schema_cls, body: dict) -> dict:
-    try:
-        return schema_cls().load(body)
-    except ValidationError as exc:
-        fields = exc.messages if isinstance(exc.messages, dict) else {"_schema": exc.messages}
-        names = ", ".join(sorted(fields))
-        raise ApiError(400, "invalid_request", f"invalid fields: {names}", fields) from exc
-
-
-IDEMPOTENCY_WAIT_S = 2.0  # how long a retry waits for the first request's job to be written
-RETRY_AFTER_FULL_S = 5
-
-
-def served_loras(queue: str) -> set[str] | None:
-    """The LoRA variants the live workers of a queue serve; None when no worker of it is heard from."""
-    client = store().redis
-    live = client.zrangebyscore(keys.WORKERS, time.time(), "+inf")
-    with client.pipeline() as pipe:
-        for worker_id in live:
-            pipe.hgetall(keys.worker(worker_id))
-        workers = pipe.execute()
-    serving = [w for w in workers if queue in w.get("queues", "").split(",")]
-    if not serving:
-        return None
-    return {name for w in serving for name in w.get("loras", "").split(",") if name}
-
-
-def validate_generation(body: dict) -> dict:
-    """A generation body validated, and its `lora` checked against what the queue's workers serve.
-    With no worker up, the job is queued and the worker that takes it checks the name."""
-    params = validate(GenerationSchema, body)
-    lora = params.get("lora")
-    known = served_loras(current_app.config["DEFAULT_QUEUE"]) if lora is not None else None
-    if known is not None and lora not in known:
-        listed = ", ".join(sorted(known)) or "none"
-        message = f"unknown lora {lora!r}; the workers serve: {listed}"
-        raise ApiError(400, "invalid_request", message, {"lora": [message]})
-    return params
-
-
-def submit(params: dict) -> JobRecord:
-    """Create the job record and enqueue it; never leaves a record without a queued task.
-
-    Honours the request's Idempotency-Key header (a retried submission gets the same job) and the
-    queue's backpressure limit (429)."""
-    params = dict(params)
-    params.pop("stream", None)
-    queue = choose_queue(params.pop("queue", None))
-    owner = current_owner() or ""
-    job_id = "job_" + secrets.token_urlsafe(18)  # 144 random bits: unguessable; the prefix keeps ids off '-'.
-    idempotency_key = request.headers.get("Idempotency-Key")
-    if idempotency_key:
-        key_digest = hashlib.sha256(idempotency_key.encode()).hexdigest()
-        body_digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()
-        bound = store().claim_idempotency_key(owner, key_digest, body_digest, job_id)
-        if bound is not None:
-            return replayed_job(bound, body_digest)
-    try:
-        depth = store().queue_depth(queue)
-        if depth >= current_app.config["MAX_QUEUED_JOBS"]:
-            raise ApiError(
-                429,
-                "queue_full",
-                f"the {queue!r} queue holds {depth} waiting jobs, its limit; retry later",
-                headers={"Retry-After": str(RETRY_AFTER_FULL_S)},
-            )
-        record = store().create(job_id, params, queue, owner=owner)
-        try:
-            enqueue(current_app.extensions["genqueue.celery"], job_id, queue)
-        except Exception:
-            store().delete(job_id)
-            raise
-    except Exception:
-        if idempotency_key:  # nothing was queued: the same key may be tried again
-            store().release_idempotency_key(owner, key_digest)
-        raise
-    MetricsRecorder(store().redis).job_submitted()
-    current_app.logger.info("job %s: queued on %s (request %s)", job_id, queue, request_id.current())
-    return record
-
-
-def replayed_job(bound: dict, body_digest: str) -> JobRecord:
-    if bound["body"] != body_digest:
-        raise ApiError(
-            422,
-            "idempotency_key_reused",
-            "this Idempotency-Key was used with a different request body",
-            {"Idempotency-Key": ["Already used with a different body."]},
-        )
-    deadline = time.monotonic() + IDEMPOTENCY_WAIT_S
-    while (record := store().get(bound["job_id"])) is None and time.monotonic() < deadline:
-        time.sleep(0.02)  # the first request is still writing its job
-    if record is None:
-        raise ApiError(409, "idempotency_key_in_use", "a request with this Idempotency-Key is still being submitted")
-    current_app.logger.info("job %s: returned again for its Idempotency-Key", record.id)
-    return record
-
-
-def choose_queue(requested: str | None) -> str:
-    """The queue the request names; else the GPU queue while a GPU worker is alive; else the default."""
-    if requested:
-        return requested
-    if store().queue_served("gpu"):
-        return "gpu"
-    return current_app.config["DEFAULT_QUEUE"]
-
-
-def event_stream_response(job_id: str, after_seq: int = 0) -> Response:
-    stream = job_event_stream(store(), job_id, after_seq, current_app.config["SSE_KEEPALIVE_S"])
-    headers = {**SSE_HEADERS, "X-Job-Id": job_id}
-    return Response(stream, mimetype="text/event-stream", headers=headers)
-
-
-def get_record(job_id: str) -> JobRecord:
-    """The job, if it exists and belongs to the caller's key: another key's job is a 404 too."""
-    record = store().get(job_id)
-    if record is None or record.owner != (current_owner() or ""):
-        raise ApiError(404, "job_not_found", f"no job {job_id!r} (unknown, or expired)")
-    return record
-
-
-def wait_for_end(job_id: str, wait_s: float) -> JobRecord:
-    """The job once it has ended, or as it is after wait_s seconds."""
-    record = get_record(job_id)
-    if wait_s and not record.status.terminal:
-        deadline = time.monotonic() + wait_s
-        for event in store().follow(job_id, poll_s=min(1.0, wait_s)):
-            if (event and event["type"] == "end") or time.monotonic() >= deadline:
-                break
-        record = get_record(job_id)
-    return record
+def wait_seconds() -> int | None:
+    """?wait= as whole seconds up to MAX_WAIT_S (None when not given), or a 400 naming it."""
+    raw = request.args.get("wait")
+    return None if raw is None else plain_integer("wait", raw, current_app.config["MAX_WAIT_S"], " of seconds")
 
 
 @bp.post("")
 @document(
     "Submit a generation job",
     description=(
-        "Validates the body and queues the job: 202 with the job and its Location. With stream: true, "
-        "answers 200 with the job's SSE stream instead (header X-Job-Id)."
+        "Validates the body and queues the job: 202 with the job and its Location. With ?wait=S, waits up to S "
+        "seconds for the job to end first (submit and wait in one request): 200 with the ended job, else 202 "
+        "with the job as it is then. With stream: true, answers 200 with the job's SSE stream instead (header "
+        "X-Job-Id; wait does not apply)."
     ),
     tags=["Jobs"],
     request=GenerationSchema,
+    parameters=[IDEMPOTENCY_KEY, WAIT],
+    headers={202: ["Location"], 200: ["X-Job-Id", "Location"]},
+    events=StreamEventSchema,
+    examples={
+        "request": {"prompt": "What is the capital of France?", "temperature": 0, "max_tokens": 64},
+        202: {
+            "id": "job_Xp3b9Qe0LqWv2mHc7rT1uYkA",
+            "status": "queued",
+            "created_at": "2026-12-03T10:00:00.000Z",
+            "started_at": None,
+            "finished_at": None,
+            "result": None,
+            "error": None,
+            "metadata": {},
+        },
+    },
     responses={
-        202: ("The queued job", JobSchema),
-        200: ("With stream: true, the job's Server-Sent Events", None, "text/event-stream"),
-        400: ("Malformed JSON or invalid fields, each named with its limit", ErrorSchema),
+        202: ("The queued job (with ?wait: the job, not ended within the wait)", JobSchema),
+        200: ("With ?wait: the ended job. With stream: true, the job's Server-Sent Events", JobSchema, SSE),
+        400: ("Malformed JSON, invalid fields or an invalid wait, each named with its limit", ErrorSchema),
         413: ("The body is over GENQUEUE_MAX_REQUEST_BYTES", ErrorSchema),
         415: ("The body is not JSON", ErrorSchema),
         422: ("The Idempotency-Key was used with another body", ErrorSchema),
-        429: ("The queue is full (Retry-After)", ErrorSchema),
+        429: ("The queue is full, or this client holds its limit of streams (stream) or waits (?wait)", ErrorSchema),
         503: ("Redis is unreachable (Retry-After)", ErrorSchema),
     },
 )
 def create_job():
-    params = validate_generation(json_body())
-    record = submit(params)
-    location = url_for("jobs.get_job", job_id=record.id)
-    if params["stream"]:
-        response = event_stream_response(record.id)
-        response.headers["Location"] = location
+    submission, stream = native_submission(json_body())
+    wait_s = wait_seconds()
+    if stream and wait_s is not None:
+        message = "wait does not apply to stream: true (the stream follows the job to its end)"
+        raise ApiError(400, "invalid_request", message, {"wait": [message]})
+    if stream:
+        record, hold = waiting.submit_held(submission, waiting.STREAMS)
+        response = stream_response(record.id, hold=hold, submitted=True)
+        response.headers["Location"] = url_for("jobs.get_job", job_id=record.id)
         return response
-    return jsonify(job_view(record)), 202, {"Location": location}
+    if wait_s is None:
+        record = submit(submission)
+        return jsonify(job_view(record)), 202, {"Location": url_for("jobs.get_job", job_id=record.id)}
+    return submit_and_wait(submission, wait_s)
+
+
+def submit_and_wait(submission: Submission, wait_s: int):
+    """POST ?wait: the job once it has ended (200), or as it is after wait_s (202). The wait counts
+    against the client's waits (a 429 queues nothing); a client that leaves meanwhile cancels the
+    job it submitted (CANCEL_ON_DISCONNECT), as a synchronous call does."""
+    record, hold = waiting.submit_held(submission, waiting.WAITS)
+    location = {"Location": url_for("jobs.get_job", job_id=record.id)}
+    ended = waiting.wait(record, wait_s, hold, submitted=True)
+    if ended is None:
+        return waiting.gone_response()
+    return jsonify(job_view(ended)), 200 if ended.status.terminal else 202, location
+
+
+@bp.get("")
+@document(
+    "List your jobs, newest first",
+    description=(
+        "The jobs your API key submitted that have not expired (GENQUEUE_JOB_TTL_S), in OpenAI's list shape. "
+        "A batch's jobs are listed with ?batch_id= (newest, the highest index, first), not among yours."
+    ),
+    tags=["Jobs"],
+    parameters=[
+        *PAGE_PARAMETERS,
+        {
+            "name": "status",
+            "in": "query",
+            "required": False,
+            "description": "Only jobs in this state",
+            "schema": {"type": "string", "enum": [state.value for state in JobState]},
+        },
+        {
+            "name": "batch_id",
+            "in": "query",
+            "required": False,
+            "description": "The jobs of this batch of yours",
+            "schema": {"type": "string"},
+        },
+    ],
+    responses={
+        200: ("A page of jobs", JobListSchema),
+        400: ("An invalid limit, after or status", ErrorSchema),
+        404: ("Unknown or expired batch_id", ErrorSchema),
+    },
+)
+def list_jobs():
+    limit, batch_id = page_limit(), request.args.get("batch_id")
+    batch = batch_service().get(batch_id, owner()) if batch_id is not None else None
+    after, status = request.args.get("after") or None, request.args.get("status")
+    records, has_more = job_service().list(owner(), limit, after, status, batch)
+    return list_page([job_view(record) for record in records], has_more)
 
 
 @bp.get("/<job_id>")
 @document(
     "Read a job, optionally waiting for it to end",
     tags=["Jobs"],
-    parameters=[
-        {
-            "name": "wait",
-            "in": "query",
-            "required": False,
-            "description": "Seconds (0 to GENQUEUE_MAX_WAIT_S) to wait for the job to end before answering",
-            "schema": {"type": "number", "minimum": 0},
+    parameters=[WAIT],
+    examples={
+        200: {
+            "id": "job_Xp3b9Qe0LqWv2mHc7rT1uYkA",
+            "status": "succeeded",
+            "created_at": "2026-12-03T10:00:00.000Z",
+            "started_at": "2026-12-03T10:00:00.012Z",
+            "finished_at": "2026-12-03T10:00:00.400Z",
+            "result": {
+                "response": "The capital of France is Paris.",
+                "tool_calls": [],
+                "usage": {"prompt_tokens": 37, "completion_tokens": 8, "total_tokens": 45},
+                "finish_reason": "stop",
+            },
+            "error": None,
+            "metadata": {},
         }
-    ],
+    },
     responses={
         200: ("The job", JobSchema),
         400: ("An invalid wait", ErrorSchema),
         404: ("Unknown or expired job", ErrorSchema),
+        429: ("This client holds GENQUEUE_MAX_WAITS_PER_CLIENT waits already (Retry-After)", ErrorSchema),
     },
 )
 def get_job(job_id: str):
-    wait = request.args.get("wait", "0")
-    try:
-        wait_s = float(wait)
-    except ValueError:
-        wait_s = -1
-    max_wait = current_app.config["MAX_WAIT_S"]
-    if not 0 <= wait_s <= max_wait:
-        raise ApiError(
-            400,
-            "invalid_request",
-            f"wait must be a number of seconds from 0 to {max_wait}",
-            {"wait": [f"Must be between 0 and {max_wait}."]},
-        )
-    return jsonify(job_view(wait_for_end(job_id, wait_s)))
+    wait_s = wait_seconds() or 0
+    record = job_service().get(job_id, owner())
+    if wait_s and not record.status.terminal:
+        record = waiting.wait(record, wait_s, waiting.Hold(waiting.WAITS))
+        if record is None:
+            return waiting.gone_response()
+    return jsonify(job_view(record))
 
 
 @bp.get("/<job_id>/stream")
@@ -267,7 +212,8 @@ def get_job(job_id: str):
     "Stream a job's chunks as Server-Sent Events",
     description=(
         'Each chunk is `id: <n>` and `data: {"response": "<text>"}`; the last event carries tool_calls, usage '
-        "and finish_reason (or `event: error`), then `data: [DONE]`. Replays from the start; Last-Event-ID resumes."
+        "and finish_reason (or `event: error`), then `data: [DONE]`. Replays from the start; Last-Event-ID resumes "
+        "(at or past the end of an ended job: its last event again, then [DONE]). Never cancels the job."
     ),
     tags=["Jobs"],
     parameters=[
@@ -276,26 +222,20 @@ def get_job(job_id: str):
             "in": "header",
             "required": False,
             "description": "Resume after this event id",
-            "schema": {"type": "integer", "minimum": 0},
+            "schema": {"type": "integer", "minimum": 0, "maximum": MAX_EVENT_ID},
         }
     ],
+    events=StreamEventSchema,
     responses={
         200: ("The job's events", None, "text/event-stream"),
         400: ("An invalid Last-Event-ID", ErrorSchema),
         404: ("Unknown or expired job", ErrorSchema),
+        429: ("This client holds GENQUEUE_MAX_STREAMS_PER_CLIENT streams already (Retry-After)", ErrorSchema),
     },
 )
 def stream_job(job_id: str):
-    get_record(job_id)
     last_event_id = request.headers.get("Last-Event-ID") or request.args.get("last_event_id") or "0"
-    if not last_event_id.isdigit():
-        raise ApiError(
-            400,
-            "invalid_request",
-            "Last-Event-ID must be an event id from this stream",
-            {"Last-Event-ID": ["Must be a non-negative integer."]},
-        )
-    return event_stream_response(job_id, int(last_event_id))
+    return stream_response(job_id, plain_integer("Last-Event-ID", last_event_id, MAX_EVENT_ID))
 
 
 @bp.delete("/<job_id>")
@@ -314,15 +254,5 @@ def stream_job(job_id: str):
     },
 )
 def cancel_job(job_id: str):
-    """Cancel: a queued job never runs (200, cancelled); a running one stops within a few tokens and
-    keeps its partial output (202, then cancelled); an ended job cannot be cancelled (409)."""
-    before = get_record(job_id)  # 404 for unknown jobs and other keys' jobs
-    status = store().cancel(job_id)
-    if status is None:
-        raise ApiError(404, "job_not_found", f"no job {job_id!r} (unknown, or expired)")
-    if status is JobState.CANCELLED and before.status is JobState.QUEUED:  # ended here; a worker counts the rest
-        MetricsRecorder(store().redis).job_ended(JobState.CANCELLED.value, before.created_at)
-    if status in (JobState.SUCCEEDED, JobState.FAILED):
-        raise ApiError(409, "job_already_ended", f"job {job_id!r} already {status.value}; nothing to cancel")
-    current_app.logger.info("job %s: cancel requested (%s)", job_id, status.value)
-    return jsonify(job_view(get_record(job_id))), 200 if status is JobState.CANCELLED else 202
+    status, record = job_service().cancel(job_id, owner())
+    return jsonify(job_view(record)), 200 if status.terminal else 202

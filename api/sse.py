@@ -1,32 +1,38 @@
-"""A job's events as Server-Sent Events in Workers AI's format.
+"""A job's events as Server-Sent Events in Workers AI's format (the native and Workers AI streams).
 
 Each chunk is `id: <seq>` and `data: {"response": "<text>"}`; a successful end adds one last event
 with an empty response, the usage and the finish reason; a failure sends `event: error`; then
-`data: [DONE]`. The ids are the chunks' sequence numbers, so Last-Event-ID resumes exactly.
+`data: [DONE]`. The ids are the chunks' sequence numbers, so Last-Event-ID resumes exactly. A stream
+that stops before its job ends (its time limit) sends `event: error` without an id, then [DONE].
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
-from tasks.states import JobState
-from tasks.store import CHUNK, JobStore
+from tasks.store.jobs import CHUNK, END
+from tasks.store.states import JobState
 
 DONE = "data: [DONE]\n\n"
+KEEPALIVE = ": keep-alive\n\n"
 
 
-def _event(seq: int, payload: dict, name: str | None = None) -> str:
-    head = f"id: {seq}\n" + (f"event: {name}\n" if name else "")
+def _event(seq: int | None, payload: dict, name: str | None = None) -> str:
+    head = (f"id: {seq}\n" if seq is not None else "") + (f"event: {name}\n" if name else "")
     return f"{head}data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-def job_event_stream(store: JobStore, job_id: str, after_seq: int, keepalive_s: float) -> Iterator[str]:
-    for event in store.follow(job_id, after_seq, poll_s=keepalive_s):
+def job_event_stream(events: Iterable[dict | None]) -> Iterator[str]:
+    """The SSE text of a job's events (None: a quiet interval, sent as a keep-alive comment)."""
+    for event in events:
         if event is None:
-            yield ": keep-alive\n\n"
+            yield KEEPALIVE
         elif event["type"] == CHUNK:
             yield _event(event["seq"], {"response": event["text"]})
+        elif event["type"] != END:  # the stream stopped first (api/waiting.py INTERRUPTED)
+            yield _event(None, {"error": event["error"]}, name="error")
+            yield DONE
         elif event["status"] == JobState.FAILED.value:
             yield _event(event["seq"], {"error": event.get("error")}, name="error")
             yield DONE

@@ -8,26 +8,23 @@ Every process started here listens on 127.0.0.1 only, on a free port, and is sto
 from __future__ import annotations
 
 import contextlib
-import http.client
-import json
 import os
-import shutil
-import socket
+import shlex
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from genqueue import config  # noqa: E402
+import config  # noqa: E402
+from genqueue import launcher  # noqa: E402
+from genqueue.client import Client, Job  # noqa: E402
 
-START_TIMEOUT_S = 120
 HTTP_TIMEOUT_S = 300
 
 # Distinct prompts of different lengths, each asking for a long answer, so 128-token jobs run to
@@ -54,15 +51,38 @@ PROMPTS = [f"Write a long, detailed story about {topic}." for topic in TOPICS]
 SHORT_PROMPT = "What is the capital of France?"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def load_average() -> str:
     one, five, fifteen = os.getloadavg()
     return f"{one:.2f} {five:.2f} {fifteen:.2f}"
+
+
+LOAD_AT_START = load_average()
+
+
+def git_state() -> str:
+    """The commit the code was measured at, and whether the tree differs from it (dirty)."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        changes = subprocess.run(
+            ["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "commit unknown (not a git checkout)"
+    return f"commit {commit}, " + (f"DIRTY ({len(changes.splitlines())} files differ)" if changes else "clean")
+
+
+def provenance() -> str:
+    """What every table is printed with, so a quoted figure says where it comes from: the machine, the
+    command, the load average, the git commit and whether the tree differed from it."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    script = ["-m", spec.name] if spec is not None and spec.name else [os.path.relpath(sys.argv[0], REPO)]
+    command = shlex.join(["python", *script, *sys.argv[1:]])
+    return (
+        f"machine: {machine()}; command: {command}\n"
+        f"load average (1, 5, 15 min): {LOAD_AT_START} at start, {load_average()} now; {git_state()}"
+    )
 
 
 def machine() -> str:
@@ -103,6 +123,21 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
+def alternating(names: list[str], rounds: int, measure: Callable[[str], float]) -> dict[str, list[float]]:
+    """measure(name) for every name, in `rounds` rounds; each round starts one name further on, so no
+    name always runs first (or right after the same other one) while the machine's load moves."""
+    values: dict[str, list[float]] = {name: [] for name in names}
+    for n in range(rounds):
+        for name in names[n % len(names) :] + names[: n % len(names)]:
+            values[name].append(measure(name))
+    return values
+
+
+def paired_ratio(a: list[float], b: list[float]) -> float:
+    """The median of each round's a / b (measured in the same round: under the same load)."""
+    return median([x / y for x, y in zip(a, b, strict=True)])
+
+
 def print_table(title: str, header: list[str], rows: list[list], notes: list[str] = ()) -> None:
     cells = [[str(c) for c in header]] + [[c if isinstance(c, str) else f"{c:,.2f}" for c in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
@@ -113,6 +148,7 @@ def print_table(title: str, header: list[str], rows: list[list], notes: list[str
             print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for note in notes:
         print(f"\n{note}")
+    print(f"\n{provenance()}")
     sys.stdout.flush()
 
 
@@ -123,13 +159,23 @@ def load_model(**engine):
     from engine import Model
 
     settings = config.load()
+    threads = worker_threads(settings)  # the worker's choice, so both sides run the same engine
     return Model(
         model_dir(settings),
         device=engine.get("device", settings["DEVICE"]),
         compute_type=engine.get("compute_type", settings["COMPUTE_TYPE"]),
-        intra_threads=engine.get("intra_threads", settings["INTRA_THREADS"]),
-        inter_threads=engine.get("inter_threads", settings["INTER_THREADS"]),
+        intra_threads=engine.get("intra_threads", threads.intra_threads),
+        inter_threads=engine.get("inter_threads", threads.inter_threads),
+        prefix_cache=engine.get("prefix_cache", settings["PREFIX_CACHE"]),
     )
+
+
+def worker_threads(settings: dict | None = None):
+    """The engine threads a worker started now would run with (settings, cache or a calibration)."""
+    from tasks.runtime.worker import choose_threads
+
+    settings = settings or config.load()
+    return choose_threads({**settings, "MODEL": model_dir(settings)})
 
 
 def encode(model, prompt: str, max_tokens: int, temperature: float = 0):
@@ -158,179 +204,34 @@ def direct_batch(model, prompts: list[str], max_tokens: int) -> tuple[float, int
 # -- the stack -----------------------------------------------------------------------------------
 
 
-class Http:
-    """One keep-alive connection to the API (one per thread)."""
-
-    def __init__(self, port: int):
-        self.port = port
-        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=HTTP_TIMEOUT_S)
-
-    def request(self, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
-        data = json.dumps(body).encode() if body is not None else None
-        headers = {"Content-Type": "application/json"} if data is not None else {}
-        for attempt in range(2):
-            try:
-                self.conn.request(method, path, body=data, headers=headers)
-                response = self.conn.getresponse()
-                return response.status, json.loads(response.read() or b"null")
-            except (ConnectionError, http.client.RemoteDisconnected):
-                self.conn.close()  # a keep-alive the server closed: reconnect once
-                if attempt:
-                    raise
-        raise AssertionError("unreachable")
-
-    def submit(self, body: dict) -> str:
-        status, job = self.request("POST", "/v1/jobs", body)
-        if status != 202:
-            raise RuntimeError(f"submit answered {status}: {job}")
-        return job["id"]
-
-    def wait(self, job_id: str, wait_s: int = 60) -> dict:
-        deadline = time.monotonic() + HTTP_TIMEOUT_S
-        while True:
-            status, job = self.request("GET", f"/v1/jobs/{job_id}?wait={wait_s}")
-            if status != 200:
-                raise RuntimeError(f"GET job answered {status}: {job}")
-            if job["status"] not in ("queued", "running"):
-                if job["status"] != "succeeded":
-                    raise RuntimeError(f"job {job_id} ended {job['status']}: {job.get('error')}")
-                return job
-            if time.monotonic() > deadline:
-                raise TimeoutError(job_id)
-
-    def stream_first_chunk(self, body: dict) -> tuple[float, dict]:
-        """POST with stream=true: (seconds to the first chunk event, the final event), reading all."""
-        data = json.dumps({**body, "stream": True}).encode()
-        started = time.perf_counter()
-        self.conn.request("POST", "/v1/jobs", body=data, headers={"Content-Type": "application/json"})
-        response = self.conn.getresponse()
-        first = None
-        last: dict = {}
-        while True:
-            line = response.readline()
-            if not line:
-                break
-            if line.startswith(b"data: "):
-                payload = line[6:].strip()
-                if payload == b"[DONE]":
-                    break
-                if first is None:
-                    first = time.perf_counter() - started
-                last = json.loads(payload)
-        response.read()
-        return first if first is not None else float("nan"), last
-
-    def close(self) -> None:
-        self.conn.close()
+def Stack(**worker_settings) -> launcher.Stack:  # noqa: N802 - reads as the class it builds
+    """Redis, one worker and the API on loopback (genqueue/launcher.py), on the benchmark's model."""
+    return launcher.Stack(model=model_dir(), **worker_settings)
 
 
-class Process:
-    def __init__(self, name: str, argv: list[str], env: dict, log_dir: Path):
-        self.name = name
-        self.log_path = log_dir / f"{name}.log"
-        self.log = open(self.log_path, "w+")  # noqa: SIM115
-        self.process = subprocess.Popen(argv, env=env, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT)
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def check(self) -> None:
-        if self.process.poll() is not None:
-            raise RuntimeError(f"{self.name} exited with {self.process.returncode}:\n{self.output()[-4000:]}")
-
-    def output(self) -> str:
-        self.log.flush()
-        return self.log_path.read_text()
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.log.close()
+def wait_succeeded(client: Client, job: Job) -> Job:
+    """The job once it ended; a job that did not succeed fails the benchmark."""
+    ended = client.wait(job.id, timeout_s=HTTP_TIMEOUT_S)
+    if ended.status != "succeeded":
+        raise RuntimeError(f"job {job.id} ended {ended.status}: {ended.error}")
+    return ended
 
 
-class Stack:
-    """Redis, one worker and the API, all on loopback; `with Stack(concurrency=16) as stack:`."""
-
-    def __init__(self, **worker_settings):
-        self.worker_settings = worker_settings
-        self.processes: list[Process] = []
-        self.log_dir = Path(tempfile.mkdtemp(prefix="genqueue-bench-"))
-
-    def __enter__(self) -> Stack:
-        try:
-            self._start()
-        except BaseException:
-            self.__exit__(None, None, None)
-            raise
-        return self
-
-    def _start(self) -> None:
-        redis_server = shutil.which("redis-server")
-        if redis_server is None:
-            raise RuntimeError("redis-server is not installed")
-        self.redis_port, self.api_port = free_port(), free_port()
-        redis_argv = [redis_server, "--port", str(self.redis_port), "--bind", "127.0.0.1"]
-        redis_argv += ["--save", "", "--appendonly", "no"]
-        self.redis = self._spawn("redis", redis_argv, dict(os.environ))
-        env = {
-            **os.environ,
-            "GENQUEUE_REDIS_URL": f"redis://127.0.0.1:{self.redis_port}/0",
-            "GENQUEUE_MODEL": model_dir(),
-            "GENQUEUE_HOST": "127.0.0.1",
-            "GENQUEUE_PORT": str(self.api_port),
-            **{f"GENQUEUE_{k.upper()}": str(v) for k, v in self.worker_settings.items()},
-        }
-        env.pop("GENQUEUE_API_KEYS", None)
-        env.pop("GENQUEUE_API_KEYS_FILE", None)
-        python = sys.executable
-        self.worker = self._spawn(
-            "worker",
-            [python, "-m", "genqueue.cli", "worker", "--loglevel", "INFO"],
-            env,
-        )
-        self.api = self._spawn("api", [python, "-m", "genqueue.cli", "api"], env)
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not self._ready():
-            for process in self.processes:
-                process.check()
-            if time.monotonic() > deadline:
-                logs = "\n".join(f"--- {p.name}:\n{p.output()[-3000:]}" for p in self.processes)
-                raise TimeoutError(f"stack not ready after {START_TIMEOUT_S}s:\n{logs}")
-            time.sleep(0.2)
-
-    def _spawn(self, name: str, argv: list[str], env: dict) -> Process:
-        process = Process(name, argv, env, self.log_dir)
-        self.processes.append(process)
-        return process
-
-    def _ready(self) -> bool:
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", self.api_port, timeout=2)
-            conn.request("GET", "/readyz")
-            ok = conn.getresponse().status == 200
-            conn.close()
-            return ok
-        except OSError:
-            return False
-
-    def client(self) -> Http:
-        return Http(self.api_port)
-
-    def __exit__(self, *_exc) -> None:
-        for process in reversed(self.processes):
-            process.stop()
-        shutil.rmtree(self.log_dir, ignore_errors=True)
+def stream_first_chunk(client: Client, body: dict) -> tuple[float, dict]:
+    """POST with stream=true: (seconds to the first chunk event, the final event), reading all."""
+    started = time.perf_counter()
+    first, last = None, {}
+    for event in client.stream(body):
+        if first is None:
+            first = time.perf_counter() - started
+        last = event.data
+    return first if first is not None else float("nan"), last
 
 
 @contextlib.contextmanager
-def clients(stack: Stack, count: int) -> Iterator[list[Http]]:
-    made = [stack.client() for _ in range(count)]
+def clients(stack: launcher.Stack, count: int) -> Iterator[list[Client]]:
+    """One keep-alive client per thread."""
+    made = [Client(stack.url, timeout_s=HTTP_TIMEOUT_S) for _ in range(count)]
     try:
         yield made
     finally:

@@ -1,13 +1,16 @@
 """genqueue's benchmarks: the full stack against the engine called directly, measured in one run.
 
-    python bench/run.py 2            # one benchmark (1 to 6)
-    python bench/run.py all          # all six, one after the other
+    python bench/run.py 2            # one benchmark (1 to 9)
+    python bench/run.py all          # all nine, one after the other
 
-Each benchmark starts its own stack on loopback (Redis, one worker process, the API under
-gunicorn; see bench/harness.py), runs its baseline in the same run (alternating with the stack
-where it repeats, so both see the same machine load), prints a table of ratios with its target,
-and stops everything it started. The model is GENQUEUE_MODEL under GENQUEUE_MODELS_DIR (the
-SmolLM2 int8 default); the worker and the direct engine use the same engine settings.
+1 to 6 start their own stack on loopback (Redis, one worker process, the API under gunicorn; see
+bench/harness.py), run their baseline in the same run (alternating with the stack where they repeat,
+so both see the same machine load), print a table of ratios with its target, and stop everything
+they started. 7 to 9 measure the engine alone (what batching is worth, what a spread of prompt
+lengths costs, what batching does to int8 outputs): the figures the README's Batching section
+quotes. The model is GENQUEUE_MODEL under GENQUEUE_MODELS_DIR (the SmolLM2 int8 default); the
+worker and the direct engine use the same engine settings. Every table is printed with the
+machine, the command, the load average, the git commit and whether the tree was dirty.
 """
 
 from __future__ import annotations
@@ -15,6 +18,9 @@ from __future__ import annotations
 import argparse
 import functools
 import gc
+import json
+import os
+import subprocess
 import sys
 import threading
 import time
@@ -22,25 +28,32 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import config  # noqa: E402
 from bench.harness import (  # noqa: E402
     PROMPTS,
+    REPO,
     SHORT_PROMPT,
     Stack,
+    alternating,
     clients,
     direct_batch,
+    encode,
     load_average,
     load_model,
     machine,
     median,
     model_dir,
+    paired_ratio,
     percentile,
     print_table,
     rss_mib,
+    stream_first_chunk,
+    wait_succeeded,
+    worker_threads,
 )
-from genqueue import config  # noqa: E402
 
 BATCH = 16  # concurrent jobs in benchmarks 2, 5 and 6
-TOKENS = 128  # tokens per job in benchmarks 1 and 2
+TOKENS = 128  # tokens per job in benchmarks 1, 2 and 7
 
 
 def job(prompt: str, max_tokens: int) -> dict:
@@ -62,9 +75,8 @@ def stack_batch(stack: Stack, prompts: list[str], max_tokens: int) -> tuple[floa
         def one(i: int) -> None:
             try:
                 barrier.wait(timeout=30)
-                tokens[i] = http[i].wait(http[i].submit(job(prompts[i], max_tokens)))["result"]["usage"][
-                    "completion_tokens"
-                ]
+                done = wait_succeeded(http[i], http[i].submit(job(prompts[i], max_tokens)))
+                tokens[i] = done.result.usage.completion_tokens
             except BaseException as exc:  # reported below
                 errors.append(exc)
 
@@ -83,8 +95,9 @@ def stack_batch(stack: Stack, prompts: list[str], max_tokens: int) -> tuple[floa
 
 def stack_one(http, prompt: str, max_tokens: int) -> tuple[float, int]:
     started = time.perf_counter()
-    result = http.wait(http.submit(job(prompt, max_tokens)))["result"]
-    return time.perf_counter() - started, result["usage"]["completion_tokens"]
+    result = wait_succeeded(http, http.submit(job(prompt, max_tokens))).result
+    assert result is not None  # a succeeded job has one
+    return time.perf_counter() - started, result.usage.completion_tokens
 
 
 def warm_up(stack: Stack, model) -> None:
@@ -151,8 +164,20 @@ def bench_concurrent(rounds: int) -> None:
 # -- 3: overhead of a 1-token job ---------------------------------------------------------------
 
 
+# Where a 1-token job's time goes, from the client's clock and the job's own timestamps (the API stamps
+# created_at, the worker's claim started_at, its end write finished_at; one machine, one clock).
+HOPS = [
+    ("POST sent -> record stamped (HTTP, gunicorn, Flask, validation)", "sent", "created"),
+    ("record stamped -> 202 received (record write, Celery publish, answer)", "created", "answered"),
+    ("record stamped -> worker's claim (publish, delivery to a thread, claim)", "created", "started"),
+    ("claim -> end written (read, encode, engine, chunk and end writes)", "started", "finished"),
+    ("end written -> ?wait answer received (end event to the reader, HTTP)", "finished", "received"),
+]
+
+
 def bench_overhead(samples: int) -> None:
     from engine import GenerationRequest, SamplingOptions
+    from tasks.store.jobs import JobStore
 
     # A raw one-token prompt: the engine's part is one short step, so the overhead around it shows.
     body = {"prompt": "Hello", "raw": True, "max_tokens": 1, "temperature": 0}
@@ -160,14 +185,21 @@ def bench_overhead(samples: int) -> None:
     request = GenerationRequest(prompt="Hello", raw=True, options=SamplingOptions(max_tokens=1, temperature=0))
     with Stack() as stack, clients(stack, 1) as (http,):
         warm_up(stack, model)
-        engine_ms, stack_ms = [], []
+        store = JobStore.from_url(stack.redis.url())
+        engine_ms, stack_ms, hops = [], [], []
         for _ in range(samples):
             started = time.perf_counter()
             model.generate_batch([model.encode(request)])
             engine_ms.append((time.perf_counter() - started) * 1000)
-            started = time.perf_counter()
-            http.wait(http.submit(body))
+            sent, started = time.time(), time.perf_counter()
+            job = http.submit(body)
+            answered = time.time()
+            wait_succeeded(http, job)
             stack_ms.append((time.perf_counter() - started) * 1000)
+            received, record = time.time(), store.get(job.id)
+            times = {"sent": sent, "answered": answered, "received": received, "created": record.created_at}
+            times.update(started=record.started_at, finished=record.finished_at)
+            hops.append([(times[end] - times[start]) * 1000 for _name, start, end in HOPS])
     engine = median(engine_ms)
     rows = []
     for q in (50, 99):
@@ -182,6 +214,14 @@ def bench_overhead(samples: int) -> None:
         ["", "engine", "stack", "overhead: stack - engine p50", "target", ""],
         rows,
     )
+    print_table(
+        f"3. The same jobs hop by hop (ms; the engine alone took {engine:.1f} ms p50 of the claim -> end hop)",
+        ["hop", "p50", "p99"],
+        [
+            [name, percentile([h[i] for h in hops], 50), percentile([h[i] for h in hops], 99)]
+            for i, (name, *_) in enumerate(HOPS)
+        ],
+    )
 
 
 # -- 4: time to first chunk -----------------------------------------------------------------------
@@ -194,7 +234,7 @@ def bench_first_chunk(samples: int) -> None:
         engine_ms, stack_ms = [], []
         for _ in range(samples):
             engine_ms.append(direct_batch(model, [SHORT_PROMPT], 16)[2] * 1000)
-            stack_ms.append(http.stream_first_chunk(job(SHORT_PROMPT, 16))[0] * 1000)
+            stack_ms.append(stream_first_chunk(http, job(SHORT_PROMPT, 16))[0] * 1000)
     rows = []
     for q in (50, 99):
         over = percentile(stack_ms, q) - percentile(engine_ms, q)
@@ -253,30 +293,54 @@ def transformers_generate(prompts: list[str], max_tokens: int) -> tuple[float, i
     return elapsed, tokens
 
 
-def bench_transformers(max_tokens: int) -> None:
+def bench_transformers(max_tokens: int, rounds: int, threads: int) -> None:
     import torch
 
-    torch.set_num_threads(len(__import__("os").sched_getaffinity(0)))
-    model = load_model()
-    prompts = PROMPTS[:BATCH]
+    torch.set_num_threads(threads)
+    direct = {ct: load_model(compute_type=ct, intra_threads=threads) for ct in ("int8", "float32")}
+    engines = ["transformers float32", "CT2 float32", "CT2 int8", "stack float32", "stack int8"]
     rows = []
-    with Stack() as stack:
-        warm_up(stack, model)
+    with (
+        Stack(compute_type="int8", intra_threads=threads) as s8,
+        Stack(compute_type="float32", intra_threads=threads) as s32,
+    ):
+        stacks = {"stack int8": s8, "stack float32": s32}
+        for ct, stack in (("int8", s8), ("float32", s32)):
+            warm_up(stack, direct[ct])
         transformers_generate([SHORT_PROMPT], 4)  # load and warm up
-        for label, batch in (("1 job", prompts[:1]), (f"{BATCH} jobs", prompts)):
-            hf_s, hf_tokens = transformers_generate(batch, max_tokens)
-            d_s, d_tokens, _ = direct_batch(model, batch, max_tokens)
-            if len(batch) == 1:
-                with clients(stack, 1) as (http,):
-                    s_s, s_tokens = stack_one(http, batch[0], max_tokens)
+
+        def rate(engine: str, batch: list[str]) -> float:
+            if engine == "transformers float32":
+                seconds, tokens = transformers_generate(batch, max_tokens)
+            elif engine.startswith("CT2"):
+                seconds, tokens, _ = direct_batch(direct[engine.split()[1]], batch, max_tokens)
+            elif len(batch) == 1:
+                with clients(stacks[engine], 1) as (http,):
+                    seconds, tokens = stack_one(http, batch[0], max_tokens)
             else:
-                s_s, s_tokens = stack_batch(stack, batch, max_tokens)
-            hf_rate = hf_tokens / hf_s
-            rows.append([label, hf_rate, d_tokens / d_s, s_tokens / s_s, (s_tokens / s_s) / hf_rate])
+                seconds, tokens = stack_batch(stacks[engine], batch, max_tokens)
+            return tokens / seconds
+
+        for label, batch in (("1 job", PROMPTS[:1]), (f"{BATCH} jobs", PROMPTS[:BATCH])):
+            rates = alternating(engines, rounds, lambda engine, batch=batch: rate(engine, batch))
+            rows.append([label, *(median(rates[engine]) for engine in engines)])
+            hf = rates[engines[0]]
+            rows.append([f"{label}: / transformers", "", *(paired_ratio(rates[e], hf) for e in engines[1:])])
+            rows.append(
+                [
+                    f"{label}: float32 / int8; stack / CT2",
+                    "",
+                    paired_ratio(rates["CT2 float32"], rates["CT2 int8"]),
+                    "",
+                    paired_ratio(rates["stack float32"], rates["CT2 float32"]),
+                    paired_ratio(rates["stack int8"], rates["CT2 int8"]),
+                ]
+            )
     print_table(
-        f"5. transformers generate (float32, greedy, batch padded left) vs CTranslate2 ({model.compute_type}), "
-        f"{max_tokens} tokens per job (tokens/s)",
-        ["", "transformers", "engine directly", "genqueue stack", "stack / transformers"],
+        f"5. transformers generate (float32, greedy, batch padded left) vs CTranslate2 float32 and int8, "
+        f"called directly and through the stack; {max_tokens} tokens per job, {threads} CPU threads each; "
+        f"tokens/s, medians of {rounds} rounds in rotating order (ratios: medians of each round's ratio)",
+        ["", *engines],
         rows,
     )
 
@@ -308,6 +372,121 @@ def bench_memory(max_tokens: int) -> None:
         ["", "loaded, idle", "after the jobs", "peak"],
         rows,
     )
+    engine = {size: engine_peak(size, max_tokens) for size in (1, BATCH)}
+    print_table(
+        f"6. The engine alone: how much one generate_batch of {max_tokens}-token prompts raises the peak RSS of "
+        f"a process holding the model (MiB; a fresh process per size)",
+        ["prompts in the call", "loaded", "peak before the call", "peak after", "the call's own peak"],
+        [[f"{size}", *values, values[2] - values[1]] for size, values in engine.items()],
+    )
+
+
+# A fresh process per measurement: a process's peak RSS only ever grows.
+ENGINE_PEAK = """
+import json, os, sys
+from bench.harness import PROMPTS, direct_batch, load_model, rss_mib
+size, tokens = int(sys.argv[1]), int(sys.argv[2])
+model = load_model()
+direct_batch(model, PROMPTS[:1], 4)  # its first call allocates what every call needs
+loaded, before = rss_mib(os.getpid())
+direct_batch(model, (PROMPTS * size)[:size], tokens)
+print(json.dumps([loaded, before, rss_mib(os.getpid())[1]]))
+"""
+
+
+def engine_peak(size: int, max_tokens: int) -> list[float]:
+    """(loaded RSS, peak before, peak after) of a process that runs one call of `size` prompts."""
+    done = subprocess.run(
+        [sys.executable, "-c", ENGINE_PEAK, str(size), str(max_tokens)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    )
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# -- 7: the engine's batching ---------------------------------------------------------------------
+
+
+def bench_engine_batching(rounds: int, sizes: list[int]) -> None:
+    """What batching is worth to the engine alone: aggregate tokens/s by prompts per generate_batch."""
+    model = load_model()
+    direct_batch(model, [SHORT_PROMPT], 8)  # warm up
+
+    def rate(size: str) -> float:
+        seconds, tokens, _ = direct_batch(model, (PROMPTS * int(size))[: int(size)], TOKENS)
+        return tokens / seconds
+
+    names = [str(size) for size in sizes]
+    rates = alternating(names, rounds, rate)
+    rows = [[f"{name} prompts", median(rates[name]), paired_ratio(rates[name], rates[names[0]])] for name in names]
+    print_table(
+        f"7. The engine alone: one generate_batch of N distinct {TOKENS}-token prompts (prompts beyond "
+        f"{len(PROMPTS)} repeat), aggregate tokens/s, medians of {rounds} rounds in rotating order",
+        ["", "tokens/s", f"/ {names[0]} prompt(s)"],
+        rows,
+    )
+
+
+# -- 8: prompts of different lengths in one call -------------------------------------------------
+
+
+def bench_length_spread(rounds: int, new_tokens: int = 8) -> None:
+    """What a batch of a short and a long prompt costs: CTranslate2 reads the longer prompt's extra
+    tokens one step at a time for the whole batch (hence GENQUEUE_MAX_LENGTH_SPREAD)."""
+    model = load_model()
+    short = encode(model, SHORT_PROMPT, new_tokens)
+    long = encode(model, " ".join(PROMPTS), new_tokens)
+    calls = {"short alone": [short], "long alone": [long], "both in one call": [short, long]}
+    model.generate_batch([short])  # warm up
+
+    def seconds(name: str) -> float:
+        started = time.perf_counter()
+        model.generate_batch(calls[name])
+        return time.perf_counter() - started
+
+    times = alternating(list(calls), rounds, seconds)
+    both, alone = times["both in one call"], times["long alone"]
+    rows = [[name, median(times[name]) * 1000] for name in calls]
+    rows.append(["both / long alone", paired_ratio(both, alone)])
+    print_table(
+        f"8. A {len(short.tokens)}-token and a {len(long.tokens)}-token chat prompt, {new_tokens} new tokens each: "
+        f"one call together vs each alone (ms, medians of {rounds} rounds in rotating order)",
+        ["", "ms"],
+        rows,
+    )
+
+
+# -- 9: int8, float32 and batching ---------------------------------------------------------------
+
+
+def bench_int8_batching(new_tokens: int = 20) -> None:
+    """Whether a prompt's greedy output and score change when it is batched with prompts of other
+    lengths, in int8 and in float32 (CTranslate2 called directly; cumulative log-probabilities)."""
+    import ctranslate2
+
+    prompts = [PROMPTS[4], PROMPTS[0], PROMPTS[3], PROMPTS[10]]  # four different lengths
+    rows = []
+    for compute_type in ("int8", "float32"):
+        model = load_model(compute_type=compute_type)
+        generator = ctranslate2.Generator(model_dir(), device=model.device, compute_type=compute_type)
+        tokens = [list(encode(model, prompt, new_tokens).tokens) for prompt in prompts]
+        options = {"max_length": new_tokens, "sampling_topk": 1, "return_scores": True, "length_penalty": 0}
+        options |= {"include_prompt_in_result": False}
+        alone = [generator.generate_batch([t], **options)[0] for t in tokens]
+        together = generator.generate_batch(tokens, **options)
+        changed = sum(a.sequences_ids[0] != b.sequences_ids[0] for a, b in zip(alone, together, strict=True))
+        moved = max(abs(a.scores[0] - b.scores[0]) for a, b in zip(alone, together, strict=True))
+        rows.append([compute_type, f"{changed} of {len(prompts)}", f"{moved:.2g}"])
+        del generator, model
+    print_table(
+        f"9. {len(prompts)} chat prompts of {', '.join(str(len(t)) for t in tokens)} tokens, {new_tokens} greedy "
+        f"tokens each: alone vs all in one call",
+        ["compute type", "outputs that changed", "largest change of a cumulative log-probability"],
+        rows,
+    )
 
 
 BENCHMARKS = {
@@ -315,28 +494,45 @@ BENCHMARKS = {
     "2": lambda args: bench_concurrent(args.rounds),
     "3": lambda args: bench_overhead(args.samples),
     "4": lambda args: bench_first_chunk(args.samples),
-    "5": lambda args: bench_transformers(args.hf_tokens),
+    "5": lambda args: bench_transformers(args.hf_tokens, args.hf_rounds, args.threads),
     "6": lambda args: bench_memory(64),
+    "7": lambda args: bench_engine_batching(args.rounds, args.batch_sizes),
+    "8": lambda args: bench_length_spread(args.rounds),
+    "9": lambda args: bench_int8_batching(),
 }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("which", nargs="+", choices=[*BENCHMARKS, "all"], help="benchmarks to run (1-6, or all)")
-    parser.add_argument("--rounds", type=int, default=4, help="alternating rounds in benchmarks 1 and 2")
+    parser.add_argument("which", nargs="+", choices=[*BENCHMARKS, "all"], help="benchmarks to run (1-9, or all)")
+    parser.add_argument("--rounds", type=int, default=4, help="alternating rounds in benchmarks 1, 2, 7 and 8")
+    parser.add_argument(
+        "--batch-sizes",
+        type=lambda text: [int(n) for n in text.split(",")],
+        default=[1, 4, 8, 16],
+        help="prompts per call in benchmark 7, the first the baseline (e.g. 1,8,32,64 on a GPU)",
+    )
     parser.add_argument("--samples", type=int, default=40, help="jobs measured in benchmarks 3 and 4")
     parser.add_argument(
         "--hf-tokens", type=int, default=32, help="tokens per job in benchmark 5 (transformers is slow)"
+    )
+    parser.add_argument("--hf-rounds", type=int, default=3, help="rotating rounds in benchmark 5")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=len(os.sched_getaffinity(0)),
+        help="CPU threads each engine gets in benchmark 5 (torch and CTranslate2 alike) [all this process may use]",
     )
     args = parser.parse_args()
     which = list(BENCHMARKS) if "all" in args.which else args.which
     settings = config.load()
     print(f"# genqueue benchmarks: python bench/run.py {' '.join(sys.argv[1:])}")
     print(f"machine: {machine()}; load average at start: {load_average()}")
+    threads = worker_threads(settings)
     print(
         f"model: {model_dir(settings)}; device {settings['DEVICE']}, compute type "
-        f"{settings['COMPUTE_TYPE'] or 'engine default'}, intra_threads {settings['INTRA_THREADS']}, "
-        f"inter_threads {settings['INTER_THREADS']}; worker concurrency {settings['CONCURRENCY']}, "
+        f"{settings['COMPUTE_TYPE'] or 'engine default'}, intra_threads {threads.intra_threads}, "
+        f"inter_threads {threads.inter_threads} ({threads.source}); worker concurrency {settings['CONCURRENCY']}, "
         f"max batch {settings['MAX_BATCH_SIZE']}"
     )
     for name in which:

@@ -45,3 +45,14 @@ class ModelPreparationError(EngineError):
     """Raised when a model source is missing, of the wrong kind, or fails to convert."""
 
     code = "model_preparation_failed"
+
+
+class EngineOutOfMemoryError(EngineError):
+    """Raised when the engine ran out of memory even for a request alone (a batch that does is split)."""
+
+    code = "out_of_memory"
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether an engine failure is an out-of-memory one (CUDA's RuntimeError, or the host's MemoryError)."""
+    return isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())

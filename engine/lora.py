@@ -31,10 +31,12 @@ def variant_dirs(model_dir: str | Path, metadata: dict) -> dict[str, Path]:
     return {name: parent / dirname for name, dirname in sorted((metadata.get(METADATA_KEY) or {}).items())}
 
 
-def check_name(name: str) -> None:
-    if not NAME_PATTERN.match(name or ""):
+def check_name(name: str, what: str = "lora name") -> None:
+    """A plain name (a directory name under the models directory): no '/', no '..', not absolute."""
+    if not NAME_PATTERN.match(name or "") or ".." in name:
         raise ModelPreparationError(
-            f"invalid lora name {name!r}: use 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+            f"invalid {what} {name!r}: use 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or "
+            "digit (a plain name, not a path)"
         )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import shutil
 import tempfile
 import time
@@ -17,9 +18,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 from engine import lora
+from engine.chat_templates import recognise, source_names
 from engine.errors import ModelPreparationError
-from engine.model import METADATA_FILE
-from engine.tokenizer import CHAT_TEMPLATE_FILE, GENERATION_CONFIG_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE
+from engine.metadata import read_metadata, write_metadata
+from engine.tokenizer import (
+    CHAT_TEMPLATE_FILE,
+    GENERATION_CONFIG_FILE,
+    TOKENIZER_CONFIG_FILE,
+    TOKENIZER_FILE,
+    chat_template_source,
+)
 
 QUANTIZATIONS = ("int8", "int8_float16", "int8_float32", "int8_bfloat16", "float16", "float32")
 DEFAULT_QUANTIZATION = "int8"
@@ -54,7 +62,9 @@ def bundled_gguf_path() -> Path:
 
 
 def default_model_name(source: str | None, quantization: str) -> str:
+    """The source's file or directory name as a plain name (lower case, other characters as '-')."""
     base = DEFAULT_MODEL_NAME if source is None else Path(source).name.removesuffix(".gguf").lower()
+    base = re.sub(r"[^a-z0-9._-]+", "-", base).strip("-._") or "model"
     return base if quantization == DEFAULT_QUANTIZATION else f"{base}-{quantization}"
 
 
@@ -73,10 +83,16 @@ def prepare_model(
     if not source_path.exists():
         raise ModelPreparationError(f"model source {source_path} does not exist")
     name = name or default_model_name(None if source is None else str(source_path), quantization)
+    lora.check_name(name, "model name")
     output = Path(models_dir).expanduser().resolve() / name
     wanted = {"source": str(source_path), "quantization": quantization}
 
-    existing = _read_metadata(output)
+    existing = read_metadata(output)
+    if existing is None and output.exists() and not force:
+        raise ModelPreparationError(
+            f"{output} exists and is not a prepared genqueue model: choose another --name, or pass --force to "
+            "replace it"
+        )
     if existing and not force:
         if all(existing.get(k) == v for k, v in wanted.items()):
             progress(f"model {name!r} is already prepared at {output}")
@@ -86,34 +102,16 @@ def prepare_model(
             f"({existing.get('quantization')}); pass --force to replace it or --name to choose another name"
         )
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix=f".{name}-", dir=output.parent) as work:
-        work_dir = Path(work)
-        if source_path.is_file() and source_path.suffix == ".gguf":
-            hf_dir = work_dir / "hf"
-            _gguf_to_transformers(source_path, hf_dir, progress)
-        elif source_path.is_dir():
-            hf_dir = source_path
-        else:
-            raise ModelPreparationError(f"{source_path} is neither a .gguf file nor a transformers model directory")
-        config = _check_transformers_dir(hf_dir)
-        ct2_dir = work_dir / "ct2"
-        _convert(hf_dir, ct2_dir, quantization, progress)
-        metadata = {
-            "name": name,
-            **wanted,
-            "architecture": config["architectures"][0],
-            "max_context": int(config.get("max_position_embeddings") or 0) or None,
-            "prepared_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
-        if existing and existing.get("source") == metadata["source"] and existing.get(lora.METADATA_KEY):
+    def build(work_dir: Path) -> tuple[Path, dict]:
+        hf_dir = _transformers_dir(source_path, work_dir, progress)
+        metadata = {"name": name, **wanted}
+        if existing and existing.get("source") == wanted["source"] and existing.get(lora.METADATA_KEY):
             # Variants merge into the source, not into this conversion: they stay valid.
             metadata[lora.METADATA_KEY] = existing[lora.METADATA_KEY]
-        (ct2_dir / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
-        if output.exists():
-            shutil.rmtree(output)
-        ct2_dir.rename(output)  # same filesystem: the model appears whole or not at all
+        return hf_dir, metadata
+
+    started = time.monotonic()
+    _convert_into(output, quantization, build, progress)
     progress(f"prepared {name!r} at {output} in {time.monotonic() - started:.0f}s")
     return output
 
@@ -129,7 +127,7 @@ def prepare_lora(
     with the base's quantization next to it, and record it in the base's genqueue.json as `name`."""
     lora.check_name(name)
     base_dir = Path(base_dir).expanduser().resolve()
-    base = _read_metadata(base_dir)
+    base = read_metadata(base_dir)
     if base is None:
         raise ModelPreparationError(f"no prepared model at {base_dir}; prepare the base model first")
     if base.get("lora_of"):
@@ -142,53 +140,61 @@ def prepare_lora(
     output = base_dir.parent / lora.variant_dir_name(base_dir.name, name)
     wanted = {"source": str(source), "quantization": base["quantization"], "adapter": str(adapter_path)}
 
-    existing = _read_metadata(output)
+    existing = read_metadata(output)
     if existing and not force and all(existing.get(k) == v for k, v in wanted.items()):
         progress(f"lora {name!r} of {base_dir.name!r} is already prepared at {output}")
     else:
-        started = time.monotonic()
-        with tempfile.TemporaryDirectory(prefix=f".{output.name}-", dir=output.parent) as work:
-            work_dir = Path(work)
-            hf_dir = source
-            if source.is_file():  # a GGUF base: dequantize it first, as prepare_model did
-                hf_dir = work_dir / "hf"
-                _gguf_to_transformers(source, hf_dir, progress)
+
+        def build(work_dir: Path) -> tuple[Path, dict]:
+            hf_dir = _transformers_dir(source, work_dir, progress)  # a GGUF base is dequantized first
             progress(f"merging the LoRA adapter {adapter_path} into {source.name}")
             merged_dir = work_dir / "merged"
             lora.merge_adapter(hf_dir, adapter_path, merged_dir, list(TOKENIZER_FILES))
-            config = _check_transformers_dir(merged_dir)
-            ct2_dir = work_dir / "ct2"
-            _convert(merged_dir, ct2_dir, base["quantization"], progress)
-            metadata = {
-                "name": output.name,
-                **wanted,
-                "lora_of": base_dir.name,
-                "lora_name": name,
-                "architecture": config["architectures"][0],
-                "max_context": base.get("max_context"),
-                "prepared_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            }
-            (ct2_dir / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
-            if output.exists():
-                shutil.rmtree(output)
-            ct2_dir.rename(output)
+            metadata = {"name": output.name, **wanted, "lora_of": base_dir.name, "lora_name": name}
+            return merged_dir, {**metadata, "max_context": base.get("max_context")}
+
+        started = time.monotonic()
+        _convert_into(output, base["quantization"], build, progress)
         progress(f"prepared lora {name!r} of {base_dir.name!r} at {output} in {time.monotonic() - started:.0f}s")
     variants = {**(base.get(lora.METADATA_KEY) or {}), name: output.name}
-    _write_metadata(base_dir, {**base, lora.METADATA_KEY: variants})
+    write_metadata(base_dir, {**base, lora.METADATA_KEY: variants})
     return output
 
 
-def _write_metadata(model_dir: Path, metadata: dict) -> None:
-    temporary = model_dir / f".{METADATA_FILE}.tmp"
-    temporary.write_text(json.dumps(metadata, indent=2) + "\n")
-    temporary.replace(model_dir / METADATA_FILE)  # readers see the old file or the new one, never half
+def _transformers_dir(source: Path, work_dir: Path, progress: Progress) -> Path:
+    """source itself when it is a transformers directory; a GGUF file dequantized into work_dir."""
+    if source.is_file() and source.suffix == ".gguf":
+        hf_dir = work_dir / "hf"
+        _gguf_to_transformers(source, hf_dir, progress)
+        return hf_dir
+    if source.is_dir():
+        return source
+    raise ModelPreparationError(f"{source} is neither a .gguf file nor a transformers model directory")
 
 
-def _read_metadata(model_dir: Path) -> dict | None:
-    path = model_dir / METADATA_FILE
-    if not path.is_file() or not (model_dir / "model.bin").is_file():
-        return None
-    return json.loads(path.read_text())
+def _convert_into(
+    output: Path, quantization: str, build: Callable[[Path], tuple[Path, dict]], progress: Progress
+) -> None:
+    """Convert what build(work_dir) returns (a transformers directory, and the record's first fields)
+    in a scratch directory beside output, then move the result into place whole."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{output.name}-", dir=output.parent) as work:
+        work_dir = Path(work)
+        hf_dir, metadata = build(work_dir)
+        config = _check_transformers_dir(hf_dir)
+        ct2_dir = work_dir / "ct2"
+        _convert(hf_dir, ct2_dir, quantization, progress)
+        family = _record_chat_template(hf_dir, ct2_dir, Path(metadata["source"]), progress)
+        if family:
+            metadata["chat_template"] = family
+        metadata.setdefault("max_context", int(config.get("max_position_embeddings") or 0) or None)
+        metadata.update(
+            architecture=config["architectures"][0], prepared_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        )
+        write_metadata(ct2_dir, metadata)
+        if output.exists():
+            shutil.rmtree(output)
+        ct2_dir.rename(output)  # same filesystem: the model appears whole or not at all
 
 
 def _check_transformers_dir(hf_dir: Path) -> dict:
@@ -205,6 +211,26 @@ def _check_transformers_dir(hf_dir: Path) -> dict:
     if not (hf_dir / TOKENIZER_FILE).is_file():
         raise ModelPreparationError(f"{hf_dir} has no {TOKENIZER_FILE} (a fast tokenizer is needed)")
     return config
+
+
+def _record_chat_template(hf_dir: Path, ct2_dir: Path, source: Path, progress: Progress) -> str | None:
+    """When the snapshot has no chat template, write its family's (if recognised) beside the model, so
+    chat requests work; otherwise warn that only raw prompts will. Returns the family recorded."""
+    if chat_template_source(hf_dir) is not None:
+        return None
+    known = recognise(hf_dir, source_names(source))
+    if known is None:
+        progress(
+            f"warning: {source.name} has no chat template and genqueue does not recognise its family: "
+            "requests must send raw prompts (raw=true); add chat_template to its tokenizer_config.json to chat"
+        )
+        return None
+    (ct2_dir / CHAT_TEMPLATE_FILE).write_text(known.template)
+    progress(
+        f"no chat template in {TOKENIZER_CONFIG_FILE}: recognised {known.family} "
+        f"({', '.join(known.signals)}) and recorded its template in {CHAT_TEMPLATE_FILE}"
+    )
+    return known.family
 
 
 def _gguf_to_transformers(gguf: Path, hf_dir: Path, progress: Progress) -> None:

@@ -1,7 +1,9 @@
 """The values that cross the engine's boundary: requests, options, usage and results.
 
 Frozen dataclasses, so a request cannot change while it is queued or batched; each converts to and
-from plain JSON-able dicts for the queue.
+from plain JSON-able dicts for the queue (`to_dict` / `from_dict`, and nothing else reads those
+dicts). The limits below are the engine's: the API's schemas refuse what passes them, with the
+field named, so a request that reaches the engine already fits.
 """
 
 from __future__ import annotations
@@ -10,12 +12,13 @@ import enum
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from engine.stop import check_stop_sequences
-from engine.tools import Tool, tools_from_request
+from engine.tools import Tool
 
 DEFAULT_MAX_TOKENS = 256
 DEFAULT_TEMPERATURE = 0.6
 DEFAULT_REPETITION_PENALTY = 1.0  # 1 leaves scores as they are
+MAX_STOP_SEQUENCES = 4  # as OpenAI's API
+MAX_STOP_CHARS = 256  # per stop string; a longer one only delays streaming
 
 
 class FinishReason(enum.StrEnum):
@@ -45,8 +48,8 @@ class SamplingOptions:
     stop: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        stop = (self.stop,) if isinstance(self.stop, str) else self.stop
-        object.__setattr__(self, "stop", check_stop_sequences(stop))
+        if isinstance(self.stop, str | list):  # one string, or a list from JSON: the tuple a frozen value needs
+            object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
 
     @property
     def greedy(self) -> bool:
@@ -76,28 +79,26 @@ class GenerationRequest:
             raise ValueError("a GenerationRequest needs exactly one of prompt or messages")
 
     def to_dict(self) -> dict[str, Any]:
-        data: dict[str, Any] = {"raw": self.raw, **asdict(self.options)}
+        data: dict[str, Any] = {"raw": self.raw, "options": asdict(self.options)}
+        data["options"]["stop"] = list(self.options.stop)
         if self.prompt is not None:
             data["prompt"] = self.prompt
         else:
-            data["messages"] = [asdict(m) for m in self.messages]
+            data["messages"] = [asdict(m) for m in self.messages or ()]
         if self.tools:
             data["tools"] = [tool.to_dict() for tool in self.tools]
         return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GenerationRequest:
-        """From to_dict's output, or from a request body as the API validated it (whose `tools`
-        may take either Workers AI form, and `functions` are tools too)."""
-        option_names = SamplingOptions.__dataclass_fields__.keys()
-        options = SamplingOptions(**{k: data[k] for k in option_names if data.get(k) is not None})
+        """The request to_dict() described."""
         messages = data.get("messages")
         return cls(
             prompt=data.get("prompt"),
             messages=tuple(Message(m["role"], m["content"]) for m in messages) if messages is not None else None,
             raw=bool(data.get("raw", False)),
-            options=options,
-            tools=tools_from_request(data.get("tools") or (), data.get("functions") or ()),
+            options=SamplingOptions(**data.get("options", {})),
+            tools=tuple(Tool.from_dict(tool) for tool in data.get("tools", ())),
         )
 
 
@@ -132,13 +133,3 @@ class GenerationResult:
             "usage": self.usage.to_dict(),
             "finish_reason": self.finish_reason.value,
         }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> GenerationResult:
-        usage = data["usage"]
-        return cls(
-            response=data["response"],
-            usage=Usage(usage["prompt_tokens"], usage["completion_tokens"]),
-            finish_reason=FinishReason(data["finish_reason"]),
-            tool_calls=tuple(data.get("tool_calls", ())),
-        )

@@ -11,28 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from engine.errors import InvalidRequestError
-
-MAX_STOP_SEQUENCES = 4  # as OpenAI's API
-MAX_STOP_CHARS = 256  # per stop string; a longer one only delays streaming
-
-
-def check_stop_sequences(stops: Iterable[str]) -> tuple[str, ...]:
-    """The stop strings as a tuple; raise InvalidRequestError for an empty one or too many."""
-    stops = tuple(stops)
-    if len(stops) > MAX_STOP_SEQUENCES:
-        raise InvalidRequestError(f"at most {MAX_STOP_SEQUENCES} stop sequences, got {len(stops)}")
-    for stop in stops:
-        if not isinstance(stop, str) or not 1 <= len(stop) <= MAX_STOP_CHARS:
-            raise InvalidRequestError(f"each stop sequence must be a string of 1 to {MAX_STOP_CHARS} characters")
-    return stops
-
 
 class StopMatcher:
     """Feed text chunks; get back what is safe to emit. `matched` is the stop string once one occurred."""
 
     def __init__(self, stops: Iterable[str]):
-        self.stops = check_stop_sequences(stops)
+        self.stops = tuple(stops)
         self.matched: str | None = None
         self._held = ""  # the tail that might still begin a stop string
 

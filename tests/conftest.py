@@ -4,40 +4,59 @@ worker processes, and API clients built from the app factory."""
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 import sys
-import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import redis
 
+from genqueue import launcher
 from tests.helpers import build_lora_adapter, build_tiny_llama
 
 REPO = Path(__file__).resolve().parent.parent
 MODELS_DIR = Path(os.environ.get("GENQUEUE_MODELS_DIR", REPO / "models"))
-REDIS_BASE_URL = os.environ.get("GENQUEUE_TEST_REDIS", "redis://127.0.0.1:6379")
-# Separate Redis databases keep the test workers apart from each other and from a running genqueue.
+# The run's own Redis server on a free port (pytest_configure starts it: a redis-server on PATH, else
+# the embedded Valkey; GENQUEUE_REDIS_SERVER chooses), so two runs on one machine, or a genqueue
+# running beside the tests, never share data. GENQUEUE_TEST_REDIS names another one.
+REDIS_BASE_URL = os.environ.get("GENQUEUE_TEST_REDIS", "")
+_own_redis = None
+# Separate Redis databases keep the test workers apart from each other.
 TINY_DB, SMOL_DB, STORE_DB, E2E_DB, LORA_DB = 15, 14, 13, 12, 11
 BATCH_DB = 10  # workers that tests kill or start alone (tests/api/test_batch_recovery.py)
 FAULT_DB, IDLE_DB, TINY32_DB = 9, 8, 7  # tests/tasks/test_faults.py, tests/api/test_limits.py, float32 tiny worker
-WORKER_START_TIMEOUT_S = 120
+ROUTING_DB = 6  # tests/api/test_routing.py: a cpu and a gpu worker of its own
+WEBHOOK_DB = 5  # tests/api/test_webhooks.py: webhook workers the tests kill, and no model worker
+HELD_DB, LIMIT_DB = 4, 3  # one-slot worker (tests/api/test_cancel.py), short time limit (tests/api/test_limits.py)
+LLAMA2_DB = 2  # tests/api/test_llama2.py: a worker on the Llama-2-chat-format model
+EDGE_DB = 1  # tests/api/test_edge.py: jobs stay queued until a test starts a worker
+# tests/tasks/test_submission.py, tests/api/test_quotas.py, tests/tasks/test_job_exits.py (a worker runtime
+# inside the test process, stopped by each test) and tests/api/test_threads.py (a worker that measures its
+# engine threads at start, stopped by its test): one at a time, each test flushing it first
+SUBMIT_DB = 0
+
+# Workers the tests start keep CTranslate2's default threads and one replica, as the tests were written
+# for (a measured choice could give a worker two replicas); tests/engine/test_threads.py turns it on.
+os.environ.setdefault("GENQUEUE_TUNE_THREADS", "false")
+
+
+def pytest_configure(config) -> None:
+    global REDIS_BASE_URL, _own_redis
+    if REDIS_BASE_URL or hasattr(config, "workerinput"):
+        return
+    from genqueue.launcher import RedisServer
+
+    _own_redis = RedisServer()
+    REDIS_BASE_URL = _own_redis.url().rsplit("/", 1)[0]
+    os.environ["GENQUEUE_TEST_REDIS"] = REDIS_BASE_URL  # for processes the tests start
+
+
+def pytest_unconfigure(config) -> None:
+    if _own_redis is not None:
+        _own_redis.stop()
 
 
 def redis_url(db: int) -> str:
     return f"{REDIS_BASE_URL}/{db}"
-
-
-@pytest.fixture(scope="session", autouse=True)
-def clean_redis():
-    for db in (TINY_DB, SMOL_DB, STORE_DB, E2E_DB, LORA_DB, BATCH_DB, FAULT_DB, IDLE_DB, TINY32_DB):
-        try:
-            redis.Redis.from_url(redis_url(db)).flushdb()
-        except redis.ConnectionError as exc:
-            pytest.exit(f"tests need a Redis server at {REDIS_BASE_URL} (.ci/run starts one): {exc}", 2)
 
 
 @pytest.fixture(scope="session")
@@ -56,6 +75,18 @@ def tiny_dir(smollm2_dir, tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("tiny")
     hf_dir = build_tiny_llama(work / "hf", smollm2_dir)
     return prepare_model(hf_dir, work / "models", name="tiny", progress=lambda line: None)
+
+
+@pytest.fixture(scope="session")
+def llama2_dir(tmp_path_factory) -> Path:
+    """The tiny Llama-2-chat-format model of tests/llama2.py (SentencePiece-style tokenizer, Llama-2's
+    chat template, weights shaped to reply REPLY and stop at </s>), converted to int8."""
+    from engine.prepare import prepare_model
+    from tests.llama2 import build_llama2_chat
+
+    work = tmp_path_factory.mktemp("llama2")
+    hf_dir = build_llama2_chat(work / "hf")
+    return prepare_model(hf_dir, work / "models", name="llama2-chat", progress=lambda line: None)
 
 
 @dataclass(frozen=True)
@@ -82,52 +113,14 @@ def lora_models(smollm2_dir, tmp_path_factory) -> LoraModels:
     return LoraModels(hf_dir, adapter_dir, base_dir, variant_dir)
 
 
-class WorkerProcess:
+class WorkerProcess(launcher.WorkerProcess):
+    """A real worker process on model_dir, consuming `queue` of database db, ready once it beats."""
+
     def __init__(self, model_dir: Path, db: int, queue: str = "cpu", redis_base: str | None = None, **settings):
         self.url = f"{redis_base or REDIS_BASE_URL}/{db}"
         self.queue = queue
-        env = {
-            **os.environ,
-            "GENQUEUE_REDIS_URL": self.url,
-            "GENQUEUE_MODEL": str(model_dir),
-            "GENQUEUE_DEFAULT_QUEUE": queue,
-            **{f"GENQUEUE_{k.upper()}": str(v) for k, v in settings.items()},
-        }
-        self.log = tempfile.NamedTemporaryFile("w+", prefix=f"worker-{db}-{queue}-", suffix=".log")  # noqa: SIM115
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "genqueue.cli", "worker", "--queue", queue, "--loglevel", "INFO"],
-            env=env,
-            cwd=REPO,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
-        self.wait_ready()
-
-    def wait_ready(self) -> None:
-        client = redis.Redis.from_url(self.url)
-        deadline = time.monotonic() + WORKER_START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"worker exited with {self.process.returncode}:\n{self.output()}")
-            if any(f":{self.process.pid}".encode() in key for key in client.keys("genqueue:worker:*")):
-                return
-            time.sleep(0.2)
-        raise TimeoutError(f"worker not ready after {WORKER_START_TIMEOUT_S}s:\n{self.output()}")
-
-    def output(self) -> str:
-        self.log.flush()
-        self.log.seek(0)
-        return self.log.read()
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.log.close()
+        settings = {"redis_url": self.url, "model": model_dir, "default_queue": queue, **settings}
+        super().__init__(settings, queues=(queue,), cwd=REPO)
 
 
 @pytest.fixture(scope="session")
@@ -152,10 +145,22 @@ def smol_worker(smollm2_dir):
     worker.stop()
 
 
+@pytest.fixture(scope="session")
+def llama2_worker(llama2_dir):
+    worker = WorkerProcess(llama2_dir, LLAMA2_DB, concurrency=4, max_batch_size=4)
+    yield worker
+    worker.stop()
+
+
+# Most API tests queue jobs on databases no worker serves (or on a queue none serves) and read them
+# while queued: their apps keep the no-worker refusal off. tests/api/test_quotas.py tests it, with it on.
+NO_WORKER_CHECK_OFF = {"NO_WORKER_GRACE_S": 0}
+
+
 def make_client(db: int, **config):
     from api import create_app
 
-    app = create_app({"TESTING": True, "REDIS_URL": redis_url(db), **config})
+    app = create_app({"TESTING": True, "REDIS_URL": redis_url(db), **NO_WORKER_CHECK_OFF, **config})
     return app.test_client()
 
 
@@ -186,9 +191,11 @@ def smol_client(smol_worker):
 
 @pytest.fixture(scope="session")
 def redis_server_binary() -> str:
-    path = shutil.which("redis-server")
+    """For tests that stop and restart a Redis of their own: skipped where none can be started
+    (a run against GENQUEUE_TEST_REDIS alone)."""
+    path = launcher.redis_server_binary()
     if path is None:
-        pytest.fail("redis-server is not installed")
+        pytest.skip("no redis-server binary to start, stop and restart (the other tests use GENQUEUE_TEST_REDIS)")
     return path
 
 
@@ -197,7 +204,7 @@ def serve(db: int, **config):
     from api import create_app
     from tests.live import LiveServer
 
-    return LiveServer(create_app({"REDIS_URL": redis_url(db), **config}))
+    return LiveServer(create_app({"REDIS_URL": redis_url(db), **NO_WORKER_CHECK_OFF, **config}))
 
 
 @pytest.fixture(scope="module")

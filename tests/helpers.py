@@ -6,6 +6,15 @@ import json
 import shutil
 from pathlib import Path
 
+WEATHER = {
+    "name": "get_weather",
+    "description": "Get the current weather of a city",
+    "parameters": {
+        "type": "object",
+        "properties": {"city": {"type": "string", "description": "The city name"}},
+        "required": ["city"],
+    },
+}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
 
 
@@ -91,3 +100,18 @@ def weather_few_shot(city: str) -> list[dict]:
             {"role": "assistant", "content": f"<tool_call>{call}</tool_call>"},
         ]
     return [*messages, {"role": "user", "content": f"What is the weather in {city}?"}]
+
+
+def generate(model, request):
+    """One request through Model.generate_batch alone: its GenerationResult (or its error, raised)."""
+    outcome = model.generate_batch([model.encode(request)])[0]
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return outcome
+
+
+def native_request(body: dict):
+    """The GenerationRequest the native API builds from a request body (POST /v1/jobs)."""
+    from api.schemas import GenerationSchema, to_submission
+
+    return to_submission(GenerationSchema().load(body)).request

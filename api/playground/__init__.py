@@ -10,29 +10,28 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from flask import Blueprint, render_template, send_from_directory
-from marshmallow import fields, missing, validate
+from flask import Blueprint, current_app, render_template, send_from_directory
+from marshmallow import fields, validate
 
 from api.auth import public
+from api.generation import Surface, default_of
 from api.openapi import document
 from api.schemas import ErrorSchema, GenerationSchema
-from engine.request import SamplingOptions
+from api.service import model_service
 
 STATIC_DIR = Path(__file__).parent / "static"
 
 bp = Blueprint("playground", __name__, template_folder="templates")
 
-# The sampling fields the page offers, in the order it shows them. A field the schema does not
-# know (seed, today) is still offered: the API's refusal then shows next to it.
-NUMBER_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed")
+# The sampling fields the page offers, in the order it shows them (only fields the API honours).
+NUMBER_FIELDS = ("max_tokens", "temperature", "top_p", "top_k")
 HELP = {
     "max_tokens": "Most tokens to generate; the prompt and these must fit the model's context.",
     "temperature": "0 is greedy; higher is more varied.",
     "top_p": "Sample from the likeliest tokens up to this probability mass; 0 is greedy, 1 and above cut nothing.",
     "top_k": "Sample from the k likeliest tokens; 1 is greedy.",
-    "seed": "Repeatable sampling; sent only when filled in.",
 }
-EMPTY_MEANS = {"top_k": "no limit", "seed": "no seed"}  # fields whose default is None
+EMPTY_MEANS = {"top_k": "no limit"}  # fields whose default is None
 
 
 @dataclass(frozen=True)
@@ -59,23 +58,24 @@ def _number(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else str(value)
 
 
-def number_fields() -> list[NumberField]:
-    """Each offered number field with the range and default the API applies to it."""
+def number_fields(max_context: int | None = None) -> list[NumberField]:
+    """Each offered number field with the range and default the API applies to it; max_tokens is
+    bounded by the served model's context when a worker has announced it."""
     schema_fields = GenerationSchema().fields
-    engine_defaults = SamplingOptions()
     offered = []
     for name in NUMBER_FIELDS:
-        field = schema_fields.get(name)
-        ranges = [v for v in (field.validators if field else []) if isinstance(v, validate.Range)]
-        default = field.load_default if field is not None else missing
-        if default is missing:
-            default = getattr(engine_defaults, name, None)
+        field = schema_fields[name]
+        ranges = [v for v in field.validators if isinstance(v, validate.Range)]
+        maximum = ranges[0].max if ranges else None
+        if name == "max_tokens" and max_context and maximum is not None:
+            maximum = min(maximum, max_context)
+        default = default_of(Surface.NATIVE, name)
         offered.append(
             NumberField(
                 name=name,
-                integer=field is None or isinstance(field, fields.Integer),
+                integer=isinstance(field, fields.Integer),
                 minimum=ranges[0].min if ranges else None,
-                maximum=ranges[0].max if ranges else None,
+                maximum=maximum,
                 default=EMPTY_MEANS.get(name, "none") if default is None else _number(default),
                 help=HELP[name],
             )
@@ -87,7 +87,9 @@ def number_fields() -> list[NumberField]:
 @public
 @document("The playground page", tags=["Playground"], responses={200: ("The page", None, "text/html")})
 def index():
-    return render_template("playground/index.html", number_fields=number_fields())
+    served = model_service().served(current_app.config["DEFAULT_QUEUE"])
+    max_context = max((m.max_context for m in served if m.max_context), default=None)
+    return render_template("playground/index.html", number_fields=number_fields(max_context))
 
 
 @bp.get("/playground/static/<path:filename>")

@@ -3,7 +3,7 @@
 import signal
 import time
 
-from tasks.states import JobState
+from tasks.store.states import JobState
 from tests.api.test_batches import post_batch, results, wait_batch
 from tests.conftest import BATCH_DB, WorkerProcess, make_client
 from tests.helpers import wait_job
@@ -17,7 +17,7 @@ def test_a_worker_killed_mid_batch_loses_no_item(tiny_dir):
     first = WorkerProcess(tiny_dir, BATCH_DB, **SETTINGS)
     second = None
     client = make_client(BATCH_DB, VISIBILITY_TIMEOUT_S=2)
-    store = client.application.extensions["genqueue.store"]
+    store = client.application.extensions["genqueue.jobs"].store
     total = 24
     bodies = [{"prompt": f"Story number {i}", "max_tokens": MAX_TOKENS, "temperature": 0} for i in range(total)]
     try:

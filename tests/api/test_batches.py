@@ -9,8 +9,10 @@ import tracemalloc
 import pytest
 
 from api.auth import hash_key
-from tasks import keys
-from tasks.app import batch_queue, enqueue_many
+from api.service.jobs import new_job_id
+from engine import GenerationRequest, SamplingOptions
+from tasks.runtime.app import batch_queue, task_message
+from tasks.store import keys
 from tests.conftest import STORE_DB, TINY_DB, make_client
 from tests.helpers import wait_job
 
@@ -103,7 +105,7 @@ def test_a_jsonl_upload_is_listed_newest_first(client):
 
 
 def batch_keys(client) -> int:
-    redis = client.application.extensions["genqueue.store"].redis
+    redis = client.application.extensions["genqueue.jobs"].store.redis
     return len(redis.keys("genqueue:batch:*")) + len(redis.keys(keys.job("batch_*")))
 
 
@@ -149,12 +151,12 @@ def test_bad_items_refuse_the_whole_batch_naming_each_by_index_or_line_and_field
 
 
 def test_limits_on_items_and_bytes_answer_413(tiny_worker):
-    client = make_client(TINY_DB, BATCH_MAX_ITEMS=3, BATCH_MAX_BYTES=400)
+    client = make_client(TINY_DB, BATCH_MAX_ITEMS=3, BATCH_MAX_BYTES=400, BATCH_MAX_JSON_BYTES=400)
     before = batch_keys(client)
     response = client.post("/v1/batches", json={"requests": [{"prompt": "a"}] * 4})
     assert response.status_code == 413 and "GENQUEUE_BATCH_MAX_ITEMS" in response.json["error"]["message"]
     response = client.post("/v1/batches", json={"requests": [{"prompt": "a" * 500}]})
-    assert response.status_code == 413 and "GENQUEUE_BATCH_MAX_BYTES" in response.json["error"]["message"]
+    assert response.status_code == 413 and "GENQUEUE_BATCH_MAX_JSON_BYTES" in response.json["error"]["message"]
     # A JSONL upload without Content-Length (chunked) is counted as it is read.
     upload = jsonl({"body": {"prompt": "b" * 150}} for _ in range(3))
     assert len(upload) > 400
@@ -190,21 +192,30 @@ def test_a_batch_is_visible_to_its_own_key_alone(tiny_worker):
 
 
 def started_at(client, job_id: str) -> float:
-    return client.application.extensions["genqueue.store"].get(job_id).started_at
+    return client.application.extensions["genqueue.jobs"].store.get(job_id).started_at
 
 
 def test_cancel_mid_run_stops_running_items_never_starts_queued_ones_and_keeps_results(client):
-    total = 40
-    batch = post_batch(client, [{"prompt": f"Story {i}", "max_tokens": 200, **GREEDY} for i in range(total)])
+    total, tokens = 40, 400  # 400 tokens take the tiny model a second or more: items run a while
+    batch = post_batch(client, [{"prompt": f"Story {i}", "max_tokens": tokens, **GREEDY} for i in range(total)])
     batch_id = batch["id"]
-    wait_until = time.monotonic() + 60
+    store = client.application.extensions["genqueue.jobs"].store
+    wait_until = time.monotonic() + 120
     while client.get(f"/v1/batches/{batch_id}").json["request_counts"]["completed"] < 4:
         assert time.monotonic() < wait_until
         time.sleep(0.02)
+    # Cancel while an item has just started: it has most of its tokens still to go.
+    running = None
+    while running is None:
+        assert time.monotonic() < wait_until
+        for index in range(total):
+            record = store.get(f"{batch_id}-{index}")
+            if record.status.value == "running" and 0 < len(store.events(record.id)) <= 50:
+                running = index
+                break
     response = client.post(f"/v1/batches/{batch_id}/cancel")
     cancelled_at = time.time()
-    assert response.status_code in (200, 202)
-    assert response.json["status"] in ("cancelling", "cancelled")
+    assert response.status_code == 202 and response.json["status"] == "cancelling"  # an item was running
     batch = wait_batch(client, batch_id, timeout_s=30)
     assert batch["status"] == "cancelled" and batch["cancelled_at"] >= batch["cancelling_at"]
     counts = batch["request_counts"]
@@ -212,23 +223,44 @@ def test_cancel_mid_run_stops_running_items_never_starts_queued_ones_and_keeps_r
     assert counts["completed"] + counts["failed"] + counts["cancelled"] == total
     lines = results(client, batch_id)
     assert [line["index"] for line in lines] == list(range(total))  # every item has its line, in order
-    store = client.application.extensions["genqueue.store"]
     never_ran = [line for line in lines if "error" in line]
     assert never_ran and all(line["error"]["code"] == "cancelled" for line in never_ran)
     for line in never_ran:
         assert store.get(f"{batch_id}-{line['index']}").started_at is None
     # No item started after the cancel; those running then stopped early with their partial output.
-    starts = [store.get(f"{batch_id}-{i}").started_at for i in range(total)]
-    assert all(start <= cancelled_at for start in starts if start is not None)
+    starts = [start for i in range(total) if (start := store.get(f"{batch_id}-{i}").started_at) is not None]
+    assert len(starts) >= 5 and max(starts) <= cancelled_at
     stopped = [line["result"] for line in lines if line.get("result", {}).get("finish_reason") == "cancelled"]
-    assert all(r["usage"]["completion_tokens"] < 200 for r in stopped)
-    assert response.json["status"] == "cancelled" or stopped
+    assert lines[running]["result"] in stopped
+    assert all(0 < r["usage"]["completion_tokens"] < tokens for r in stopped)
     assert client.post(f"/v1/batches/{batch_id}/cancel").status_code == 200  # again: harmless
     done = post_batch(client, [{"prompt": "x", "max_tokens": 1}])
     assert wait_batch(client, done["id"])["status"] == "completed"
     response = client.post(f"/v1/batches/{done['id']}/cancel")
     assert response.status_code == 409 and response.json["error"]["code"] == "batch_already_ended"
     assert client.post("/v1/batches/nope/cancel").status_code == 404
+
+
+def test_results_headers_tell_the_batch_status_and_how_many_ended(tiny_worker):
+    # Its items go to gpu.batch, which no worker of this database consumes: they end only when cancelled.
+    client = make_client(TINY_DB, DEFAULT_QUEUE="gpu")
+    batch_id = post_batch(client, [{"prompt": f"held {i}", "max_tokens": 2} for i in range(5)])["id"]
+
+    def headers() -> tuple[str, str, list[int]]:
+        response = client.get(f"/v1/batches/{batch_id}/results")
+        lines = [json.loads(line)["index"] for line in response.get_data(as_text=True).splitlines()]
+        return response.headers["X-Batch-Status"], response.headers["X-Batch-Ended"], lines
+
+    assert headers() == ("in_progress", "0", [])
+    for index in (1, 3):
+        assert client.delete(f"/v1/jobs/{batch_id}-{index}").status_code == 200
+    assert headers() == ("in_progress", "2", [1, 3])
+    assert client.post(f"/v1/batches/{batch_id}/cancel").status_code == 200
+    assert headers() == ("cancelled", "5", [0, 1, 2, 3, 4])
+    done = post_batch(make_client(TINY_DB), [{"prompt": "x", "max_tokens": 1}] * 3)["id"]
+    assert wait_batch(client, done)["status"] == "completed"
+    response = client.get(f"/v1/batches/{done}/results")
+    assert (response.headers["X-Batch-Status"], response.headers["X-Batch-Ended"]) == ("completed", "3")
 
 
 def test_interactive_jobs_take_the_next_free_slot_ahead_of_a_running_batch(client, tiny_worker):
@@ -238,15 +270,15 @@ def test_interactive_jobs_take_the_next_free_slot_ahead_of_a_running_batch(clien
     while client.get(f"/v1/batches/{batch_id}").json["request_counts"]["completed"] < 8:
         assert time.monotonic() < deadline
         time.sleep(0.02)
-    # Twelve interactive jobs arrive at once: written and published in one pipelined round trip each.
-    store = client.application.extensions["genqueue.store"]
-    jobs = [f"now-{batch_id}-{i}" for i in range(12)]
-    with store.redis.pipeline() as pipe:
-        for i, job_id in enumerate(jobs):
-            store.create(job_id, {"prompt": f"Now {i}", "max_tokens": 5}, "cpu", pipe=pipe)
-        pipe.execute()
+    # Twelve interactive jobs arrive at once: each stored and queued in one step, as the API does.
+    store = client.application.extensions["genqueue.jobs"].store
+    celery = client.application.extensions["genqueue.jobs"].celery
+    jobs = [new_job_id() for _ in range(12)]
+    messages = [task_message(celery, job_id, "cpu") for job_id in jobs]
     submitted_at = time.time()
-    enqueue_many(client.application.extensions["genqueue.celery"], jobs, "cpu")
+    for i, (job_id, message) in enumerate(zip(jobs, messages, strict=True)):
+        request = GenerationRequest(prompt=f"Now {i}", options=SamplingOptions(max_tokens=5))
+        store.submit(job_id, request.to_dict(), "cpu", "", message)
     finished = [wait_job(client, job_id) for job_id in jobs]
     assert all(job["status"] == "succeeded" for job in finished)
     last_start = max(started_at(client, job_id) for job_id in jobs)
@@ -269,7 +301,7 @@ def upload_peak_bytes(path, items: int) -> int:
     client = make_client(STORE_DB, BATCH_MAX_ITEMS=100_000)
     line = {"body": {"prompt": "Summarize the following paragraph in one sentence. " * 8, "max_tokens": 64}}
     path.write_bytes(jsonl({"custom_id": f"item-{i}", **line} for i in range(items)))
-    client.application.extensions["genqueue.store"].redis.flushdb()
+    client.application.extensions["genqueue.jobs"].store.redis.flushdb()
     with open(path, "rb") as upload:
         tracemalloc.start()
         response = client.post(
@@ -282,7 +314,7 @@ def upload_peak_bytes(path, items: int) -> int:
         tracemalloc.stop()
     assert response.status_code == 201, response.json
     assert response.json["request_counts"]["total"] == items
-    client.application.extensions["genqueue.store"].redis.flushdb()
+    client.application.extensions["genqueue.jobs"].store.redis.flushdb()
     return peak
 
 

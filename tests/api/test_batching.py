@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from engine import GenerationRequest, Model
+from engine import Model
 from tests.conftest import TINY32_DB, make_client
-from tests.helpers import parse_sse, sse_text, wait_job
+from tests.helpers import generate, native_request, parse_sse, sse_text, wait_job
 
 PROMPTS = [
     ("Tell me about the sea.", 200),
@@ -25,7 +25,7 @@ PROMPTS = [
 def expected(tiny_dir):
     """Each job's output run alone, straight on the engine."""
     model = Model(tiny_dir, compute_type="float32")
-    return lambda body: model.generate(GenerationRequest.from_dict(body))
+    return lambda body: generate(model, native_request(body))
 
 
 def submit_all(client, bodies: list[dict]) -> list[str]:
@@ -56,7 +56,7 @@ def test_concurrent_jobs_share_engine_calls_and_each_streams_exactly_its_own_out
 
 def test_cancelling_one_job_of_a_batch_stops_it_alone(tiny32_worker, expected):
     client = make_client(TINY32_DB)
-    store = client.application.extensions["genqueue.store"]
+    store = client.application.extensions["genqueue.jobs"].store
     bodies = [{"prompt": p, "temperature": 0, "max_tokens": 400} for p in ("one job", "two jobs", "three jobs")]
     ids = submit_all(client, bodies)
     deadline = time.monotonic() + 60

@@ -2,7 +2,9 @@
 
 import time
 
-from tests.conftest import TINY_DB, make_client
+import redis
+
+from tests.conftest import HELD_DB, WorkerProcess, make_client, redis_url
 from tests.helpers import parse_sse, sse_text, wait_job
 
 # SmolLM2 takes seconds for this (about 26 tokens/s here): long enough to cancel while it runs.
@@ -23,7 +25,7 @@ def test_a_running_job_stops_within_a_few_tokens_and_keeps_its_output(smol_clien
     client = smol_client
     job_id = client.post("/v1/jobs", json=LONG).json["id"]
     assert wait_running(client, job_id)["status"] == "running"
-    store = client.application.extensions["genqueue.store"]
+    store = client.application.extensions["genqueue.jobs"].store
     while len(store.events(job_id)) < 5:  # let it generate some tokens
         time.sleep(0.02)
     response = client.delete(f"/v1/jobs/{job_id}")
@@ -37,26 +39,45 @@ def test_a_running_job_stops_within_a_few_tokens_and_keeps_its_output(smol_clien
     events = parse_sse(client.get(f"/v1/jobs/{job_id}/stream").get_data(as_text=True))
     assert sse_text(events) == result["response"]
     assert events[-1]["data"] == "[DONE]"
-    # Cancelling again is harmless; the worker serves the next job.
-    assert client.delete(f"/v1/jobs/{job_id}").status_code == 200
+    # Cancelling again is a 409 (the job has ended), as for any ended job; the worker serves the next job.
+    again = client.delete(f"/v1/jobs/{job_id}")
+    assert again.status_code == 409 and again.json["error"]["code"] == "job_already_ended"
     assert (
         wait_job(client, client.post("/v1/jobs", json={"prompt": "next", "max_tokens": 3}).json["id"])["status"]
         == "succeeded"
     )
 
 
-def test_a_queued_job_never_runs(tiny_worker):
-    # A client on a queue no worker consumes keeps its jobs queued.
-    client = make_client(TINY_DB, DEFAULT_QUEUE="gpu")
-    job_id = client.post("/v1/jobs", json=LONG).json["id"]
-    response = client.delete(f"/v1/jobs/{job_id}")
-    assert response.status_code == 200
-    job = response.json
-    assert job["status"] == "cancelled"
-    assert job["started_at"] is None and job["result"] is None
-    events = parse_sse(client.get(f"/v1/jobs/{job_id}/stream").get_data(as_text=True))
-    assert [e["data"] for e in events][-1] == "[DONE]"
-    assert sse_text(events) == ""
+def test_a_queued_job_never_runs(smollm2_dir):
+    # A worker with one slot, held by a long job: the victim waits in the very queue that worker consumes.
+    redis.Redis.from_url(redis_url(HELD_DB)).flushdb()
+    worker = WorkerProcess(smollm2_dir, HELD_DB, concurrency=1, max_batch_size=1)
+    try:
+        client = make_client(HELD_DB)
+        store = client.application.extensions["genqueue.jobs"].store
+        blocker = client.post("/v1/jobs", json=LONG).json["id"]
+        assert wait_running(client, blocker)["status"] == "running"
+        victim = client.post("/v1/jobs", json={"prompt": "victim", "max_tokens": 8}).json["id"]
+        response = client.delete(f"/v1/jobs/{victim}")
+        assert response.status_code == 200 and response.json["status"] == "cancelled"
+        assert client.delete(f"/v1/jobs/{victim}").status_code == 409  # a second DELETE: the job has ended
+        assert client.get(f"/v1/jobs/{blocker}").json["status"] == "running"  # the victim was still waiting
+        # Let the worker drain: the blocker stops, then the worker takes the victim's message and a
+        # job queued after it, which runs.
+        assert client.delete(f"/v1/jobs/{blocker}").status_code == 202
+        after = client.post("/v1/jobs", json={"prompt": "after", "max_tokens": 3}).json["id"]
+        assert wait_job(client, after)["status"] == "succeeded", worker.output()[-3000:]
+        job = client.get(f"/v1/jobs/{victim}").json
+        assert job["status"] == "cancelled" and job["started_at"] is None and job["result"] is None
+        assert store.get(victim).attempts == 0
+        assert [event["type"] for event in store.events(victim)] == ["end"]  # no chunk
+        events = parse_sse(client.get(f"/v1/jobs/{victim}/stream").get_data(as_text=True))
+        assert [e["data"] for e in events][-1] == "[DONE]" and sse_text(events) == ""
+        # The worker took the victim's message and refused it: it never ran there.
+        named = [line.split("] ", 1)[-1] for line in worker.output().splitlines() if victim in line]
+        assert named == [f"job {victim}: not run (cancelled)"], named
+    finally:
+        worker.stop()
 
 
 def test_cancelling_an_ended_job_is_409_and_an_unknown_one_404(client):

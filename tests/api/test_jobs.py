@@ -1,10 +1,15 @@
 import json
+import time
+import urllib.request
 
 import pytest
 
+from tests.conftest import STORE_DB, serve
 from tests.helpers import parse_sse, sse_text, wait_job
 
 GREEDY = {"temperature": 0, "max_tokens": 16}
+WAIT_SLACK_S = 2  # from a job's end to its ?wait answer: milliseconds, generous for a loaded machine
+KEEPALIVE_S = 0.3
 
 
 def submit(client, **body):
@@ -34,10 +39,79 @@ def test_submit_answers_202_with_location_then_poll_until_done(client):
 
 
 def test_wait_returns_as_soon_as_the_job_ends(client):
-    job_id = submit(client, prompt="Hello", **GREEDY).json["id"]
-    job = wait_job(client, job_id, timeout_s=30)
-    assert job["status"] == "succeeded"
-    assert job["result"]["response"]
+    # 400 tokens take the tiny model a while (about a second here): the wait starts long before the end.
+    job_id = submit(client, prompt="Hello", temperature=0, max_tokens=400).json["id"]
+    asked = time.time()
+    job = client.get(f"/v1/jobs/{job_id}?wait=60").json
+    answered = time.time()
+    assert job["status"] == "succeeded" and job["result"]["usage"]["completion_tokens"] == 400
+    finished_at = client.application.extensions["genqueue.jobs"].store.get(job_id).finished_at
+    assert asked < finished_at  # it waited for the end...
+    assert answered - finished_at < WAIT_SLACK_S  # ...and answered at once when it came, not at the 60 s
+
+
+def test_submit_with_wait_answers_200_with_the_ended_job_as_soon_as_it_ends(client):
+    asked = time.time()
+    response = client.post("/v1/jobs?wait=60", json={"prompt": "Hello", "temperature": 0, "max_tokens": 400})
+    answered = time.time()
+    job = response.json
+    assert response.status_code == 200, job
+    assert job["status"] == "succeeded" and job["result"]["usage"]["completion_tokens"] == 400
+    assert response.headers["Location"] == f"/v1/jobs/{job['id']}"
+    assert client.get(response.headers["Location"]).json == job  # the job as stored, not a copy of another
+    finished_at = client.application.extensions["genqueue.jobs"].store.get(job["id"]).finished_at
+    assert asked < finished_at and answered - finished_at < WAIT_SLACK_S
+
+
+def newest_job_id(client) -> str | None:
+    return client.get("/v1/jobs?limit=1").json["first_id"]
+
+
+@pytest.mark.parametrize(
+    "wait, stream", [("-1", False), ("abc", False), ("61", False), ("1.5", False), ("", False), ("1", True)]
+)
+def test_submit_with_a_bad_wait_or_wait_with_stream_is_a_400_naming_it_and_queues_nothing(client, wait, stream):
+    before = newest_job_id(client)
+    response = client.post(f"/v1/jobs?wait={wait}", json={"prompt": "Hello", "stream": stream, **GREEDY})
+    assert response.status_code == 400, response.get_data(as_text=True)
+    assert list(response.json["error"]["fields"]) == ["wait"]
+    assert newest_job_id(client) == before
+
+
+@pytest.fixture(scope="module")
+def quiet_api():
+    """The API over HTTP on a database whose queue no worker consumes, with a short keep-alive interval."""
+    server = serve(STORE_DB, SSE_KEEPALIVE_S=KEEPALIVE_S)
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize(
+    "path, body",
+    [
+        ("/v1/jobs", {"prompt": "quiet", "stream": True}),
+        (
+            "/v1/chat/completions",
+            {"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "quiet"}], "stream": True},
+        ),
+    ],
+    ids=["native", "openai"],
+)
+def test_a_quiet_stream_sends_keep_alive_comments_then_ends_with_its_job(quiet_api, path, body):
+    request = urllib.request.Request(
+        quiet_api.url + path, json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=5) as response:  # a silence of 5 s fails the test
+        lines = (line for line in response if line.strip())
+        if path == "/v1/chat/completions":
+            assert next(lines).startswith(b"data: ")  # OpenAI's first chunk: the assistant's role
+        started = time.monotonic()
+        assert [next(lines) for _ in range(3)] == [b": keep-alive\n"] * 3
+        # One every KEEPALIVE_S while nothing happens: not sooner (a busy loop), not much later.
+        assert 2 * KEEPALIVE_S <= time.monotonic() - started < 3 * KEEPALIVE_S + 4
+        cancel = urllib.request.Request(f"{quiet_api.url}/v1/jobs/{response.headers['X-Job-Id']}", method="DELETE")
+        assert urllib.request.urlopen(cancel, timeout=10).status == 200
+        assert list(lines)[-1] == b"data: [DONE]\n"
 
 
 def test_wait_is_bounded_and_validated(client):
@@ -103,14 +177,11 @@ def test_messages_run_through_the_chat_template(client):
     assert job["result"]["usage"]["prompt_tokens"] > 10
 
 
-def test_a_prompt_over_the_context_fails_clearly_and_the_worker_keeps_serving(client):
-    failed = wait_job(client, submit(client, prompt="word " * 600, **GREEDY).json["id"])
-    assert failed["status"] == "failed"
-    assert failed["error"]["code"] == "context_length_exceeded"
-    assert "context of 512" in failed["error"]["message"]
-    assert failed["result"] is None
-    events = parse_sse(client.get(f"/v1/jobs/{failed['id']}/stream").get_data(as_text=True))
-    assert events[0]["event"] == "error" and events[-1]["data"] == "[DONE]"
+def test_a_prompt_over_the_context_is_refused_at_submit_and_the_worker_keeps_serving(client):
+    refused = client.post("/v1/jobs", json={"prompt": "word " * 600, **GREEDY})
+    assert refused.status_code == 400
+    assert refused.json["error"]["code"] == "context_length_exceeded"
+    assert "context of 512" in refused.json["error"]["message"]
     assert wait_job(client, submit(client, prompt="still there?", **GREEDY).json["id"])["status"] == "succeeded"
 
 
@@ -142,7 +213,7 @@ def test_malformed_json_is_400(client, body):
         ({"prompt": ""}, "prompt", "between 1 and 131072"),
         ({"prompt": "x" * 131073}, "prompt", "between 1 and 131072"),
         ({"prompt": 5}, "prompt", "Not a valid string"),
-        ({"messages": []}, "messages", "Shorter than minimum length 1"),
+        ({"messages": []}, "messages", "Length must be between 1 and 256"),
         ({"messages": [{"role": "robot", "content": "hi"}]}, "messages", "Must be one of"),
         ({"messages": [{"role": "user"}]}, "messages", "Missing data"),
         ({"prompt": "a", "max_tokens": 0}, "max_tokens", "greater than or equal to 1"),
@@ -185,10 +256,23 @@ def test_health_and_readiness(client):
     ready = client.get("/readyz")
     assert ready.status_code == 200
     assert ready.json["status"] == "ready"
-    assert any(w["queues"] == "cpu" for w in ready.json["workers"])
+    assert any(w["queues"] == ["cpu"] and isinstance(w["running"], int) for w in ready.json["workers"])
 
 
 def test_unknown_route_and_method_answer_json(client):
     assert client.get("/v1/nothing").json["error"]["code"] == "not_found"
     response = client.put("/v1/jobs")
     assert response.status_code == 405 and response.json["error"]["code"] == "method_not_allowed"
+
+
+def test_submit_with_wait_answers_202_with_the_job_when_it_has_not_ended_in_time(quiet_api):
+    body = json.dumps({"prompt": "quiet"}).encode()
+    request = urllib.request.Request(quiet_api.url + "/v1/jobs?wait=1", body, {"Content-Type": "application/json"})
+    started = time.monotonic()
+    with urllib.request.urlopen(request, timeout=30) as response:  # nobody consumes this queue
+        job = json.load(response)
+        assert response.status == 202 and response.headers["Location"] == f"/v1/jobs/{job['id']}"
+    assert 1 <= time.monotonic() - started < 1 + WAIT_SLACK_S  # it waited its second, then answered
+    assert job["status"] == "queued" and job["result"] is None
+    with urllib.request.urlopen(f"{quiet_api.url}/v1/jobs/{job['id']}", timeout=10) as response:
+        assert json.load(response)["status"] == "queued"  # the client stayed: its job goes on

@@ -7,10 +7,12 @@ import redis
 
 from tests.conftest import (
     IDLE_DB,  # no worker consumes its queues: jobs stay queued
+    LIMIT_DB,
+    WorkerProcess,
     make_client,
     redis_url,
 )
-from tests.helpers import wait_job
+from tests.helpers import parse_sse, sse_text, wait_job
 
 
 @pytest.fixture
@@ -69,7 +71,7 @@ def test_concurrent_retries_create_one_job(idle_client):
         thread.join()
     assert statuses == [202] * 8
     assert len(set(ids)) == 1
-    store = idle_client.application.extensions["genqueue.store"]
+    store = idle_client.application.extensions["genqueue.jobs"].store
     assert store.queue_depth("cpu") == 1
 
 
@@ -78,3 +80,26 @@ def test_a_body_over_the_size_limit_is_413(tiny_worker):
     response = small.post("/v1/jobs", json={"prompt": "x" * 2000})
     assert response.status_code == 413
     assert response.json["error"]["code"] == "payload_too_large"
+
+
+def test_a_job_over_the_time_limit_fails_with_time_limit_exceeded_and_keeps_its_partial_output(smollm2_dir):
+    # 300 SmolLM2 tokens take seconds (about 30 tokens/s here); the worker allows each job 1 s.
+    redis.Redis.from_url(redis_url(LIMIT_DB)).flushdb()
+    worker = WorkerProcess(smollm2_dir, LIMIT_DB, concurrency=2, job_time_limit_s=1)
+    try:
+        client = make_client(LIMIT_DB)
+        body = {"prompt": "Write a very long story about a lighthouse keeper.", "temperature": 0, "max_tokens": 300}
+        job_id = client.post("/v1/jobs", json=body).json["id"]
+        job = wait_job(client, job_id)
+        assert job["status"] == "failed", job
+        assert job["error"]["code"] == "time_limit_exceeded" and "1s" in job["error"]["message"]
+        events = parse_sse(client.get(f"/v1/jobs/{job_id}/stream").get_data(as_text=True))
+        assert events[-2]["event"] == "error" and events[-1]["data"] == "[DONE]"
+        # What it generated within the limit is kept: in the record and on the stream.
+        kept = client.application.extensions["genqueue.jobs"].store.get(job_id).result
+        assert 0 < kept["usage"]["completion_tokens"] < 300 and kept["finish_reason"] == "cancelled"
+        assert sse_text(events[:-2]) == kept["response"] != ""
+        short = client.post("/v1/jobs", json={"prompt": "Hi", "max_tokens": 2}).json["id"]
+        assert wait_job(client, short)["status"] == "succeeded"  # within the limit, a job runs as usual
+    finally:
+        worker.stop()

@@ -63,7 +63,7 @@ def test_an_unknown_lora_is_a_400_listing_the_known_ones(lora_client):
 
 def test_the_worker_announces_its_variants(lora_client):
     workers = lora_client.get("/readyz").json["workers"]
-    assert [w["loras"] for w in workers] == [LORA_NAME]
+    assert [w["loras"] for w in workers] == [[LORA_NAME]]
 
 
 def test_the_openai_model_list_names_the_variant_and_selecting_it_runs_the_lora(lora_client):

@@ -4,6 +4,9 @@ worker behind them (the tiny random Llama for shapes and parameters, SmolLM2 for
 from __future__ import annotations
 
 import json
+import secrets
+import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -154,7 +157,12 @@ def test_completion_max_tokens_defaults_to_openais_16(oai):
         ({"presence_penalty": -1}, "presence_penalty", "no presence penalty"),
         ({"n": 2}, "n", "n must be 1"),
         ({"logprobs": True}, "logprobs", "not returned"),
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "tool calling"),
+        (
+            {"tools": [{"type": "function", "function": {"name": "f", "strict": True}}]},
+            "tools[0].function.strict",
+            "constrained",
+        ),
+        ({"parallel_tool_calls": False}, "parallel_tool_calls", "cannot be enforced"),
         ({"response_format": {"type": "json_object"}}, "response_format", "not supported"),
         ({"temperature": 2.5}, "temperature", "less than or equal to 2"),
         ({"top_p": 1.5}, "top_p", "less than or equal to 1"),
@@ -162,13 +170,13 @@ def test_completion_max_tokens_defaults_to_openais_16(oai):
         ({"max_tokens": 5, "max_completion_tokens": 6}, "max_completion_tokens", "differ"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop", "At most 4"),
         ({"stream_options": {"include_usage": True}}, "stream_options", "when stream is true"),
-        ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role", "Must be one of"),
+        ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role", "Must be one of"),
         (
             {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
             "messages[0].content",
             "Only text",
         ),
-        ({"messages": []}, "messages", "minimum length 1"),
+        ({"messages": []}, "messages", "between 1 and 256"),
     ],
 )
 def test_unhonourable_or_invalid_parameters_are_openai_shaped_400s(oai, extra, param, says):
@@ -279,3 +287,104 @@ def test_with_api_keys_the_openai_client_sends_its_key_and_errors_keep_openais_s
         assert caught.value.body["code"] == "forbidden" and caught.value.body["type"] == "invalid_request_error"
     finally:
         server.stop()
+
+
+# -- the sampling extras of vLLM, TGI and llama.cpp -------------------------------------------------
+
+
+def stored_options(job_id: str) -> dict:
+    from tasks.store.jobs import JobStore
+
+    return JobStore.from_url(redis_url(TINY_DB)).get(job_id).request["options"]
+
+
+def native_text(server, body: dict) -> str:
+    request = urllib.request.Request(
+        f"{server.url}/v1/jobs", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return native_job(server, json.load(response)["id"])["result"]["response"]
+
+
+def test_top_k_and_repetition_penalty_reach_the_engine_through_extra_body(oai, tiny_api):
+    prompt = "The sea is"
+    raw = oai.completions.with_raw_response.create(
+        model="tiny", prompt=prompt, max_tokens=12, temperature=1.0, extra_body={"top_k": 1}
+    )
+    options = stored_options(raw.headers["X-Job-Id"])
+    assert options["top_k"] == 1 and options["temperature"] == 1.0
+    greedy = native_text(tiny_api, {"prompt": prompt, "raw": True, "max_tokens": 12, "temperature": 0})
+    assert raw.parse().choices[0].text == greedy  # top_k 1 samples from one token: the greedy answer
+
+    penalized = oai.chat.completions.with_raw_response.create(
+        model="tiny", messages=CHAT, max_tokens=12, temperature=0, extra_body={"repetition_penalty": 1.8}
+    )
+    assert stored_options(penalized.headers["X-Job-Id"])["repetition_penalty"] == 1.8
+    native = native_text(tiny_api, {"messages": CHAT, "max_tokens": 12, "temperature": 0, "repetition_penalty": 1.8})
+    plain = native_text(tiny_api, {"messages": CHAT, "max_tokens": 12, "temperature": 0})
+    assert penalized.parse().choices[0].message.content == native != plain  # the engine applied it
+
+    unlimited = oai.chat.completions.with_raw_response.create(
+        model="tiny", messages=CHAT, max_tokens=2, extra_body={"top_k": -1, "min_p": 0, "ignore_eos": False}
+    )
+    assert stored_options(unlimited.headers["X-Job-Id"])["top_k"] is None  # -1 (and 0): no limit, as vLLM's
+
+
+@pytest.mark.parametrize(
+    "extra, param, says",
+    [
+        ({"min_p": 0.05}, "min_p", "no min-p"),
+        ({"typical_p": 0.9}, "typical_p", "no typical"),
+        ({"min_tokens": 4}, "min_tokens", "min_length applies to a whole engine call"),
+        ({"ignore_eos": True}, "ignore_eos", "end-of-turn"),
+        ({"repeat_penalty": 1.1}, "repeat_penalty", "use repetition_penalty"),
+        ({"guided_json": {"type": "object"}}, "guided_json", "constrained decoding"),
+        ({"use_beam_search": True}, "use_beam_search", "beam search"),
+        ({"top_k": 51}, "top_k", "Must be 1 to 50"),
+        ({"top_k": -2}, "top_k", "Must be 1 to 50"),
+        ({"top_k": 1.5}, "top_k", "Not a valid integer"),
+        ({"repetition_penalty": 0}, "repetition_penalty", "must be above 0"),
+        ({"repetition_penalty": 2.5}, "repetition_penalty", "less than or equal to 2"),
+    ],
+)
+def test_extras_the_engine_cannot_honour_are_refused_by_name(oai, extra, param, says):
+    with pytest.raises(openai.BadRequestError) as caught:
+        oai.chat.completions.create(model="tiny", messages=CHAT, max_tokens=2, extra_body=extra)
+    assert caught.value.body["param"] == param, caught.value.body
+    assert says in caught.value.body["message"], caught.value.body
+
+
+def test_a_sync_request_whose_job_is_cancelled_is_a_409():
+    from tasks.store import keys
+    from tests.conftest import STORE_DB, make_client
+
+    client = make_client(STORE_DB)  # no worker consumes this database's queue: the job waits, queued
+    store = client.application.extensions["genqueue.jobs"].store
+    marker = f"cancel me {secrets.token_hex(8)}"
+    body = {"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": marker}]}
+    answered = []
+    waiting = threading.Thread(target=lambda: answered.append(client.post("/v1/chat/completions", json=body)))
+    waiting.start()
+    job_id, deadline = None, time.monotonic() + 30
+    while job_id is None:  # the waiting request's job, found by its prompt
+        assert time.monotonic() < deadline
+        for key in store.redis.scan_iter(keys.job("job_*"), count=1000):
+            if marker in (store.redis.hget(key, "request") or ""):
+                job_id = store.redis.hget(key, "id")
+        time.sleep(0.05)
+    assert client.delete(f"/v1/jobs/{job_id}").status_code == 200
+    waiting.join(timeout=30)
+    [response] = answered
+    assert response.status_code == 409, response.json
+    error = response.json["error"]
+    assert (
+        error["code"] == "job_cancelled"
+        and job_id in error["message"]
+        and set(error)
+        == {
+            "message",
+            "type",
+            "param",
+            "code",
+        }
+    )

@@ -38,7 +38,7 @@ def test_every_route_of_the_app_is_documented():
 
 def test_the_request_body_is_the_generation_schema_with_every_field():
     _app, spec = app_and_spec()
-    for path in ("/v1/jobs", "/ai/run/@cf/meta/llama-2-7b-chat-int8"):
+    for path in ("/v1/jobs", "/ai/run/{model}"):
         body = spec["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
         assert body == {"$ref": "#/components/schemas/Generation"}
     generation = spec["components"]["schemas"]["Generation"]["properties"]
@@ -49,8 +49,8 @@ def test_the_request_body_is_the_generation_schema_with_every_field():
         "#/components/schemas/Tool",
         "#/components/schemas/FunctionTool",
     ]
-    account = spec["paths"]["/client/v4/accounts/{account_id}/ai/run/@cf/meta/llama-2-7b-chat-int8"]["post"]
-    assert account["parameters"][0]["name"] == "account_id"
+    account = spec["paths"]["/client/v4/accounts/{account_id}/ai/run/{model}"]["post"]
+    assert [p["name"] for p in account["parameters"]] == ["account_id", "model", "Idempotency-Key"]
 
 
 def test_the_docs_page_renders_every_endpoint_and_field_with_local_assets_only():
@@ -70,3 +70,24 @@ def test_the_docs_page_renders_every_endpoint_and_field_with_local_assets_only()
     for asset in assets:
         assert client.get(asset).status_code == 200, asset
     assert "http://" not in html and "https://" not in html
+
+
+def test_the_docs_page_lists_endpoints_by_task_jobs_first():
+    app, _spec = app_and_spec()
+    html = html_lib.unescape(app.test_client().get("/docs").get_data(as_text=True))
+    nav = html.split("<nav>", 1)[1].split("</nav>", 1)[0]
+    paths = re.findall(r"<code>([^<]+)</code>", nav)
+    assert paths[0].startswith("/v1/jobs")
+    order = [
+        paths.index(p)
+        for p in (
+            "/v1/jobs",
+            "/v1/batches",
+            "/v1/chat/completions",
+            "/v1/files",
+            "/ai/run/{model}",
+            "/healthz",
+            "/docs",
+        )
+    ]
+    assert order == sorted(order), paths

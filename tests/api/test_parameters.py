@@ -6,17 +6,7 @@ import pytest
 
 from engine import GenerationRequest, Model, SamplingOptions
 from tests.conftest import TINY_DB, make_client
-from tests.helpers import parse_sse, wait_job, weather_few_shot
-
-WEATHER = {
-    "name": "get_weather",
-    "description": "Get the current weather of a city",
-    "parameters": {
-        "type": "object",
-        "properties": {"city": {"type": "string", "description": "The city name"}},
-        "required": ["city"],
-    },
-}
+from tests.helpers import WEATHER, generate, parse_sse, wait_job, weather_few_shot
 
 
 def run(client, **body) -> dict:
@@ -54,8 +44,9 @@ def test_repetition_penalty_is_ctranslate2s(client, tiny_dir):
     plain = run(client, prompt="hello", temperature=0, max_tokens=12)["response"]
     penalized = run(client, prompt="hello", temperature=0, max_tokens=12, repetition_penalty=2)["response"]
     assert penalized != plain
-    expected = Model(tiny_dir).generate(
-        GenerationRequest(prompt="hello", options=SamplingOptions(temperature=0, max_tokens=12, repetition_penalty=2))
+    expected = generate(
+        Model(tiny_dir),
+        GenerationRequest(prompt="hello", options=SamplingOptions(temperature=0, max_tokens=12, repetition_penalty=2)),
     )
     assert penalized == expected.response
 
@@ -171,13 +162,16 @@ def test_non_finite_penalties_are_400(client, field):
 
 def test_a_worker_fails_a_job_for_a_lora_it_does_not_have(tiny_worker):
     # With no worker up the API cannot check the name; the worker that takes the job does.
-    from genqueue import config
-    from tasks.app import create_celery, enqueue
-    from tasks.store import JobStore
+    import config
+    from api.service.jobs import new_job_id
+    from tasks.runtime.app import create_celery, task_message
+    from tasks.store.jobs import JobStore
 
     store = JobStore.from_url(tiny_worker.url)
-    store.create("unknown-lora-job", {"prompt": "hi", "lora": "nope", "max_tokens": 4}, "cpu")
-    enqueue(create_celery(config.load(REDIS_URL=tiny_worker.url, DEFAULT_QUEUE="cpu")), "unknown-lora-job", "cpu")
-    job = wait_job(make_client(TINY_DB), "unknown-lora-job")
+    request = GenerationRequest(prompt="hi", options=SamplingOptions(lora="nope", max_tokens=4))
+    job_id = new_job_id()
+    message = task_message(create_celery(config.load(REDIS_URL=tiny_worker.url)), job_id, "cpu")
+    assert store.submit(job_id, request.to_dict(), "cpu", "", message).record is not None  # no limits checked
+    job = wait_job(make_client(TINY_DB), job_id)
     assert job["status"] == "failed"
     assert job["error"] == {"code": "unknown_lora", "message": "unknown lora 'nope'; this worker serves: none"}

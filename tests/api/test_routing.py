@@ -4,11 +4,10 @@ else to the default queue; each queue's workers are real processes."""
 import pytest
 import redis
 
-from tasks import keys
-from tests.conftest import WorkerProcess, make_client, redis_url
+from tasks.store import keys
+from tests.conftest import ROUTING_DB, WorkerProcess, make_client, redis_url
 from tests.helpers import wait_job
 
-ROUTING_DB = 9
 JOB = {"prompt": "route me", "temperature": 0, "max_tokens": 4}
 
 
@@ -28,7 +27,7 @@ def workers(tiny_dir):
 def run(client, body: dict) -> tuple[dict, str]:
     """Submit, wait; the job, and the pid of the worker that ran it."""
     job = wait_job(client, client.post("/v1/jobs", json=body).json["id"])
-    holder = client.application.extensions["genqueue.store"].redis.hget(keys.job(job["id"]), "worker")
+    holder = client.application.extensions["genqueue.jobs"].store.redis.hget(keys.job(job["id"]), "worker")
     return job, holder.rsplit(":", 1)[1]
 
 
@@ -37,7 +36,7 @@ def test_jobs_go_to_the_gpu_queue_while_a_gpu_worker_is_alive(workers):
     job, pid = run(client, JOB)
     assert job["status"] == "succeeded"
     assert pid == str(workers["gpu"].process.pid)
-    assert client.application.extensions["genqueue.store"].get(job["id"]).queue == "gpu"
+    assert client.application.extensions["genqueue.jobs"].store.get(job["id"]).queue == "gpu"
 
 
 def test_a_request_may_name_its_queue(workers):
@@ -57,7 +56,7 @@ def test_an_unknown_queue_is_400_naming_the_field(workers):
 def test_without_a_live_gpu_worker_jobs_go_to_the_default_queue(workers):
     client = make_client(ROUTING_DB)
     served = keys.queue_served("gpu")
-    store = client.application.extensions["genqueue.store"]
+    store = client.application.extensions["genqueue.jobs"].store
     assert 0 < store.redis.ttl(served) <= 15  # it expires unless a gpu worker keeps beating
     workers["gpu"].stop()
     store.redis.delete(served)  # what its expiry does, without waiting for it

@@ -63,7 +63,7 @@ def test_a_job_the_model_refuses_is_a_400_in_the_envelope(client):
     assert response.status_code == 400
     assert response.json["success"] is False
     assert response.json["errors"][0]["code"] == "context_length_exceeded"
-    assert wait_job(client, response.headers["X-Job-Id"])["status"] == "failed"
+    assert response.json["errors"][0]["fields"] == {"max_tokens": [response.json["errors"][0]["message"]]}
 
 
 def test_a_job_that_does_not_end_in_time_is_a_504_and_goes_on(tiny_worker):
@@ -77,3 +77,31 @@ def test_a_job_that_does_not_end_in_time_is_a_504_and_goes_on(tiny_worker):
 
 def test_other_methods_are_refused(client):
     assert client.get(RUN).status_code == 405
+
+
+def test_the_served_models_own_name_runs_it_too(client):
+    body = {"prompt": "Hello", "temperature": 0, "max_tokens": 6}
+    by_name = client.post("/ai/run/tiny", json=body)
+    assert by_name.status_code == 200, by_name.json
+    assert by_name.json["result"] == client.post(RUN, json=body).json["result"]
+    account = client.post("/client/v4/accounts/abc/ai/run/tiny", json=body)
+    assert account.status_code == 200 and account.json["success"] is True
+
+
+@pytest.mark.parametrize("path", ["/ai/run/@cf/meta/llama-3-8b-instruct", "/client/v4/accounts/abc/ai/run/@cf/x/y"])
+def test_a_model_not_served_is_a_clear_error_in_the_envelope_naming_the_served_ones(client, path):
+    response = client.post(path, json={"prompt": "Hello"})
+    assert response.status_code == 404
+    assert response.json["success"] is False and response.json["result"] is None
+    error = response.json["errors"][0]
+    assert error["code"] == "model_not_found"
+    assert "serves: tiny, @cf/meta/llama-2-7b-chat-int8" in error["message"]
+
+
+def test_anything_under_ai_answers_in_cloudflares_envelope(client):
+    for response in (client.get("/ai/run/@cf/meta/llama-3-8b-instruct"), client.post("/ai/models/search")):
+        assert response.status_code in (404, 405)
+        assert response.json["success"] is False and response.json["errors"][0]["code"] in (
+            "not_found",
+            "method_not_allowed",
+        )

@@ -112,17 +112,17 @@ def test_stop_cancels_a_long_answer_and_keeps_what_streamed(playground, open_pag
 def test_refused_parameters_show_the_api_error_next_to_their_field(playground, open_page, artifacts):
     page = open_page(playground)
     page.fill("#param-temperature", "9")
-    page.fill("#param-seed", "1.5")  # refused whether or not the API takes a seed: it is not an integer
+    page.fill("#param-top_k", "1.5")  # not an integer
     page.fill("#prompt", "Hello")
     page.click("#send")
 
-    refused = playground.app.test_client().post("/v1/jobs", json={"prompt": "Hello", "temperature": 9, "seed": 1.5})
+    refused = playground.app.test_client().post("/v1/jobs", json={"prompt": "Hello", "temperature": 9, "top_k": 1.5})
     assert refused.status_code == 400
     fields = refused.json["error"]["fields"]
     temperature_error = page.locator("#param-temperature-error")
     expect(temperature_error).to_be_visible()
     expect(temperature_error).to_have_text(" ".join(fields["temperature"]))
-    expect(page.locator("#param-seed-error")).to_have_text(" ".join(fields["seed"]))
+    expect(page.locator("#param-top_k-error")).to_have_text(" ".join(fields["top_k"]))
     expect(page.locator("#param-temperature")).to_have_attribute("aria-invalid", "true")
     expect(page.locator("#param-temperature")).to_be_focused()  # the first refused field, in page order
     expect(page.locator("#param-max_tokens-error")).to_be_hidden()
@@ -130,29 +130,27 @@ def test_refused_parameters_show_the_api_error_next_to_their_field(playground, o
     expect(page.locator("#prompt")).to_have_value("Hello")  # kept, to send again
     page.screenshot(path=artifacts / "refused.png", full_page=True)
 
-    # Fixed and sent again: the errors go, an empty seed is not sent, the answer comes.
+    # Fixed and sent again: the errors go, an empty top_k is not sent, the answer comes.
     page.fill("#param-temperature", "0")
-    page.fill("#param-seed", "")
+    page.fill("#param-top_k", "")
     page.fill("#param-max_tokens", "5")
     page.click("#send")
     wait_ended(page, "succeeded")
     expect(temperature_error).to_be_hidden()
-    expect(page.locator("#param-seed-error")).to_be_hidden()
+    expect(page.locator("#param-top_k-error")).to_be_hidden()
     expect(page.locator("#param-temperature")).not_to_have_attribute("aria-invalid", "true")
 
 
-def test_a_job_that_fails_shows_its_error_in_the_transcript(playground, open_page):
+def test_a_request_over_the_context_is_refused_next_to_max_tokens(playground, open_page):
     page = open_page(playground)
     page.fill("#param-max_tokens", "9000")  # valid for the schema, more than SmolLM2's 8192-token context
     page.fill("#prompt", "Hi")
     page.press("#prompt", "Enter")
-    wait_ended(page, "failed")
-    job = playground.job(answer(page).get_attribute("data-job-id"))
-    assert job["status"] == "failed"
-    expect(answer(page)).to_have_class(re.compile(r"\bfailed\b"))
-    expect(answer(page).locator('[data-stat="error"]')).to_have_text(
-        f"failed: {job['error']['code']}: {job['error']['message']}"
-    )
+    refused = playground.app.test_client().post("/v1/jobs", json={"prompt": "Hi", "max_tokens": 9000})
+    assert refused.status_code == 400 and refused.json["error"]["code"] == "context_length_exceeded"
+    message = " ".join(refused.json["error"]["fields"]["max_tokens"])
+    expect(page.locator("#param-max_tokens-error")).to_have_text(message)
+    expect(page.locator(".message")).to_have_count(0)  # refused at submit: nothing was queued
     expect(page.locator("#send")).to_be_enabled()
 
 
@@ -205,7 +203,7 @@ def test_keyboard_alone_sets_parameters_sends_and_stops(playground, open_page, a
 
     # Tab walks the page in reading order, and every stop shows a visible focus ring.
     order = []
-    for _ in range(10):
+    for _ in range(9):
         page.keyboard.press("Tab")
         focused = page.evaluate(
             "() => ({id: document.activeElement.id, outline: getComputedStyle(document.activeElement).outlineStyle,"
@@ -221,11 +219,10 @@ def test_keyboard_alone_sets_parameters_sends_and_stops(playground, open_page, a
         "param-temperature",
         "param-top_p",
         "param-top_k",
-        "param-seed",
         "param-raw",
         "api-key",
     ]
-    for _ in range(6):
+    for _ in range(5):
         page.keyboard.press("Shift+Tab")
     expect(page.locator("#param-max_tokens")).to_be_focused()
     page.keyboard.type("300")

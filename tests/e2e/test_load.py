@@ -1,50 +1,24 @@
 """Load: 1,000 jobs from 50 concurrent clients over HTTP (gunicorn) through a real worker."""
 
 import json
-import os
 import statistics
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
 
 import pytest
 
+from genqueue.launcher import ApiProcess
 from tests.conftest import REPO, TINY_DB, redis_url
-from tests.e2e.test_run import free_port
 
 CLIENTS, JOBS_PER_CLIENT = 50, 20
 
 
 @pytest.fixture(scope="module")
 def api_url(tiny_worker):
-    port = free_port()
-    env = {
-        **os.environ,
-        "GENQUEUE_REDIS_URL": redis_url(TINY_DB),
-        "GENQUEUE_PORT": str(port),
-        "GENQUEUE_MAX_QUEUED_JOBS": "100000",
-    }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "genqueue.cli", "api"],
-        env=env,
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/healthz", timeout=1)
-            break
-        except OSError:
-            assert time.monotonic() < deadline and process.poll() is None, "the API did not start"
-            time.sleep(0.2)
-    yield url
-    process.terminate()
-    process.wait(timeout=20)
+    api = ApiProcess({"redis_url": redis_url(TINY_DB), "max_queued_jobs": 100000}, cwd=REPO).wait_ready()
+    yield api.url
+    api.stop()
 
 
 def call(method, url, body=None):
@@ -99,7 +73,7 @@ def test_a_thousand_jobs_from_fifty_clients_all_complete_each_with_its_own_resul
     assert len(outcomes) == CLIENTS * JOBS_PER_CLIENT
     assert len({job_id for _b, job_id, _j in outcomes}) == len(outcomes)  # no job duplicated or merged
 
-    from tasks.store import JobStore
+    from tasks.store.jobs import JobStore
 
     store = JobStore.from_url(redis_url(TINY_DB))
     for body, job_id, job in outcomes:

@@ -3,11 +3,12 @@ import json
 import pytest
 import torch
 
-from engine import GenerationRequest, InvalidRequestError, Model, SamplingOptions
+from engine import GenerationRequest, Model, SamplingOptions
 from engine.errors import ModelPreparationError
 from engine.lora import variant_dirs
 from engine.prepare import prepare_lora, prepare_model
 from tests.conftest import LORA_NAME
+from tests.helpers import generate
 
 PROMPT = "Hello there, how are you?"
 TOKENS = 16
@@ -36,8 +37,8 @@ def test_the_merged_variant_matches_transformers_merged_model_and_differs_from_t
     expected = base.tokenizer.decode(transformers_greedy(merged.merge_and_unload(), prompt_ids))
     plain = base.tokenizer.decode(transformers_greedy(LlamaForCausalLM.from_pretrained(lora_models.hf_dir), prompt_ids))
 
-    assert variant.generate(variant_request).response == expected
-    assert base.generate(request).response == plain
+    assert generate(variant, variant_request).response == expected
+    assert generate(base, request).response == plain
     assert expected != plain
 
 
@@ -60,12 +61,6 @@ def test_preparing_again_reuses_the_variant_and_rebuilding_the_base_keeps_it(lor
     )
     metadata = json.loads((lora_models.base_dir / "genqueue.json").read_text())
     assert metadata["lora"] == {LORA_NAME: lora_models.variant_dir.name}
-
-
-def test_a_model_refuses_a_request_for_another_variant(lora_models):
-    variant = Model(lora_models.variant_dir, compute_type="float32", lora=LORA_NAME)
-    with pytest.raises(InvalidRequestError, match="serves lora 'demo'"):
-        variant.encode(GenerationRequest(prompt="hi"))
 
 
 @pytest.mark.parametrize(

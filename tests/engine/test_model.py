@@ -11,6 +11,7 @@ from engine import (
     SamplingOptions,
 )
 from engine.model import Paused
+from tests.helpers import generate
 
 GREEDY = SamplingOptions(temperature=0, max_tokens=24)
 
@@ -26,7 +27,7 @@ def smol(smollm2_dir):
 
 
 def test_greedy_answer_of_the_real_model_stops_at_end_of_turn(smol):
-    result = smol.generate(GenerationRequest(prompt="What is the capital of France?", options=GREEDY))
+    result = generate(smol, GenerationRequest(prompt="What is the capital of France?", options=GREEDY))
     assert "Paris" in result.response
     assert result.finish_reason is FinishReason.STOP
     assert 0 < result.usage.completion_tokens < GREEDY.max_tokens
@@ -34,33 +35,22 @@ def test_greedy_answer_of_the_real_model_stops_at_end_of_turn(smol):
 
 
 def test_max_tokens_bounds_the_completion(tiny):
-    result = tiny.generate(GenerationRequest(prompt="hello", options=SamplingOptions(temperature=0, max_tokens=7)))
+    result = generate(tiny, GenerationRequest(prompt="hello", options=SamplingOptions(temperature=0, max_tokens=7)))
     assert result.usage.completion_tokens == 7
     assert result.finish_reason is FinishReason.LENGTH
 
 
-def test_stream_concatenates_to_the_generated_response(tiny, smol):
+def test_streamed_chunks_concatenate_to_the_generated_response(tiny, smol):
     for model in (tiny, smol):
         request = GenerationRequest(prompt="Write a short poem about the sea, with emoji.", options=GREEDY)
-        stream = model.stream(request)
-        chunks = []
-        while True:
-            try:
-                chunks.append(next(stream))
-            except StopIteration as stop:
-                result = stop.value
-                break
+        chunks: list[str] = []
+        prompt = model.encode(request)
+        result = model.generate_batch([prompt], on_chunk=lambda _i, text, seen=chunks: seen.append(text))[0]
         assert len(chunks) > 1
-        assert "".join(chunks) == result.response == model.generate(request).response
+        assert "".join(chunks) == result.response == generate(model, request).response
         assert result.response == model.tokenizer.decode(
             model.tokenizer._tokenizer.encode(result.response, add_special_tokens=False).ids
         )
-
-
-def test_closing_a_stream_stops_the_generation(tiny):
-    stream = tiny.stream(GenerationRequest(prompt="hi", options=SamplingOptions(temperature=0, max_tokens=200)))
-    next(stream)
-    stream.close()  # the engine thread sees closed and stops; nothing hangs
 
 
 def test_chat_template_is_applied_unless_raw(smol):
@@ -86,7 +76,7 @@ def test_prompt_plus_max_tokens_over_the_context_is_a_clear_error(tiny):
     with pytest.raises(ContextLengthExceededError):
         tiny.encode(short)
     # The model still serves after refusing.
-    assert tiny.generate(GenerationRequest(prompt="hi", options=GREEDY)).usage.completion_tokens > 0
+    assert generate(tiny, GenerationRequest(prompt="hi", options=GREEDY)).usage.completion_tokens > 0
 
 
 def test_a_batch_stops_each_prompt_at_its_own_max_tokens(tiny):
@@ -174,8 +164,8 @@ def test_repetition_penalty_changes_the_greedy_output_as_ctranslate2_defines_it(
         include_prompt_in_result=False,
         end_token=tiny.tokenizer.end_tokens,
     )[0].sequences_ids[0]
-    assert tiny.generate(penalized).response == tiny.tokenizer.decode(direct)
-    assert tiny.generate(penalized).response != tiny.generate(prompt.request).response
+    assert generate(tiny, penalized).response == tiny.tokenizer.decode(direct)
+    assert generate(tiny, penalized).response != generate(tiny, prompt.request).response
 
 
 @pytest.fixture(scope="module")

@@ -63,3 +63,23 @@ def test_a_model_of_another_architecture_is_refused(tmp_path):
 def test_an_unknown_quantization_is_refused(tmp_path):
     with pytest.raises(ModelPreparationError, match="unknown quantization"):
         prepare_model(None, tmp_path, quantization="int3", progress=lambda line: None)
+
+
+@pytest.mark.parametrize("name", ["../escape", "/tmp/absolute", "a/b", "..", ".hidden", ""])
+def test_a_model_name_must_be_a_plain_name(tiny_dir, tmp_path, name):
+    hf_dir = tiny_dir.parent.parent / "hf"
+    with pytest.raises(ModelPreparationError, match="plain name"):
+        prepare_model(hf_dir, tmp_path / "models", name=name or "..", progress=lambda _: None)
+    assert not (tmp_path / "escape").exists() and not (tmp_path / "models").exists()
+
+
+def test_a_directory_that_is_no_genqueue_model_is_never_replaced_without_force(tiny_dir, tmp_path):
+    hf_dir = tiny_dir.parent.parent / "hf"
+    taken = tmp_path / "models" / "notes"
+    taken.mkdir(parents=True)
+    (taken / "thesis.txt").write_text("years of work")
+    with pytest.raises(ModelPreparationError, match="not a prepared genqueue model.*--force"):
+        prepare_model(hf_dir, tmp_path / "models", name="notes", progress=lambda _: None)
+    assert (taken / "thesis.txt").read_text() == "years of work"
+    prepared = prepare_model(hf_dir, tmp_path / "models", name="notes", force=True, progress=lambda _: None)
+    assert (prepared / "model.bin").is_file() and not (prepared / "thesis.txt").exists()

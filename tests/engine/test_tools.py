@@ -5,18 +5,9 @@ import pytest
 
 from engine import GenerationRequest, Model, SamplingOptions
 from engine.tokenizer import ChatTokenizer
-from engine.tools import SYSTEM_PROMPT_HEADER, Tool, parse_tool_calls, tools_from_request
-from tests.helpers import weather_few_shot
+from engine.tools import SYSTEM_PROMPT_HEADER, Tool, parse_tool_calls
+from tests.helpers import WEATHER, generate, native_request, weather_few_shot
 
-WEATHER = {
-    "name": "get_weather",
-    "description": "Get the current weather of a city",
-    "parameters": {
-        "type": "object",
-        "properties": {"city": {"type": "string", "description": "The city name"}},
-        "required": ["city"],
-    },
-}
 TOOLS = (Tool.from_dict(WEATHER), Tool(name="lookup", code="return db.get(key)"))
 
 
@@ -63,10 +54,13 @@ def test_no_tools_offered_means_nothing_is_parsed():
 
 
 def test_both_tool_forms_and_functions_become_tools():
-    tools = tools_from_request(
-        [WEATHER, {"type": "function", "function": {**WEATHER, "name": "get_time"}}],
-        [{"name": "lookup", "code": "return 1"}],
-    )
+    tools = native_request(
+        {
+            "prompt": "hi",
+            "tools": [WEATHER, {"type": "function", "function": {**WEATHER, "name": "get_time"}}],
+            "functions": [{"name": "lookup", "code": "return 1"}],
+        }
+    ).tools
     assert [t.name for t in tools] == ["get_weather", "get_time", "lookup"]
     assert tools[1].parameters == WEATHER["parameters"]
     assert tools[2].code == "return 1"
@@ -83,7 +77,7 @@ def test_a_template_without_tools_gets_them_in_the_system_prompt(smollm2_dir):
         "<|im_start|>assistant\n"
     )
     # An existing system message keeps its text, and the tools follow it.
-    messages = GenerationRequest.from_dict(
+    messages = native_request(
         {
             "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
             "tools": [WEATHER],
@@ -108,14 +102,14 @@ def test_a_template_with_a_tools_section_renders_them_itself(smollm2_dir, tmp_pa
 def test_the_real_model_calls_a_tool_and_the_call_is_parsed(smollm2_dir):
     # Few-shot turns teach the 135M model the documented format; it then calls the tool for Paris.
     messages = weather_few_shot("Paris")
-    request = GenerationRequest.from_dict({"messages": messages, "tools": [WEATHER], "temperature": 0})
-    result = Model(smollm2_dir).generate(request)
+    request = native_request({"messages": messages, "tools": [WEATHER], "temperature": 0})
+    result = generate(Model(smollm2_dir), request)
     assert result.tool_calls == ({"name": "get_weather", "arguments": {"city": "Paris"}},)
     assert "<tool_call>" in result.response  # the text stays in the response
 
 
 def test_random_output_with_tools_leaves_tool_calls_empty(tiny_dir):
     request = GenerationRequest(prompt="Weather?", tools=TOOLS, options=SamplingOptions(temperature=1, max_tokens=30))
-    result = Model(tiny_dir).generate(request)
+    result = generate(Model(tiny_dir), request)
     assert result.tool_calls == ()
     assert result.usage.completion_tokens == 30

@@ -8,12 +8,20 @@ import json
 
 import pytest
 
-from tasks import keys
-from tasks.app import batch_queue, create_celery
-from tasks.batches import BatchItem, BatchStore
-from tasks.states import BatchState, JobState
-from tasks.store import JobStore
+from tasks.runtime.app import batch_queue, create_celery
+from tasks.runtime.submission import queue_items
+from tasks.store import keys
+from tasks.store.batches import BatchRequest, BatchStore
+from tasks.store.jobs import JobStore
+from tasks.store.quotas import NO_LIMITS
+from tasks.store.states import BatchState, JobState
 from tests.conftest import STORE_DB, redis_url
+
+
+def append_chunk(store, job_id: str, seq: int, text: str) -> bool:
+    """Log one chunk; False if it was logged already or the job has ended."""
+    return store.append_chunks([(job_id, seq, text)]) == [1]
+
 
 RESULT = {"response": "ok", "tool_calls": [], "usage": {"prompt_tokens": 5, "completion_tokens": 2}}
 
@@ -27,15 +35,21 @@ def store():
 
 @pytest.fixture(scope="module")
 def celery():
-    from genqueue import config
+    import config
 
     return create_celery(config.load(REDIS_URL=redis_url(STORE_DB)))
 
 
+def queue_batch(store, celery, batch_id: str, n: int) -> BatchState:
+    """Admit a written batch's n items, queue them on cpu.batch and start it, as the API's batch service does."""
+    assert store.admit(batch_id, "", "cpu", batch_queue("cpu"), n, NO_LIMITS) is None
+    return queue_items(celery, store, batch_id, "cpu", n)
+
+
 def make_batch(store, celery, n: int, batch_id: str = "b1", owner: str = "") -> str:
     store.create(batch_id, owner, "cpu", {"purpose": "test"})
-    store.add_items(batch_id, owner, "cpu", 0, [BatchItem(f"c{i}", {"prompt": f"p{i}"}) for i in range(n)])
-    assert store.enqueue(celery, batch_id, "cpu", n) is BatchState.IN_PROGRESS
+    store.add_items(batch_id, owner, "cpu", 0, [BatchRequest(f"c{i}", {"prompt": f"p{i}"}) for i in range(n)])
+    assert queue_batch(store, celery, batch_id, n) is BatchState.IN_PROGRESS
     return batch_id
 
 
@@ -64,7 +78,7 @@ def test_items_are_queued_on_the_batch_queue_and_counted_as_they_end(store, cele
     assert jobs.finish(item(batch_id, 2), 1, JobState.SUCCEEDED, result=RESULT)
 
     record = store.get(batch_id)
-    assert record.status is BatchState.COMPLETED
+    assert record.status is BatchState.COMPLETED_WITH_ERRORS  # one request failed: the state says so
     assert (record.completed, record.failed, record.cancelled) == (2, 1, 0)
     assert (record.prompt_tokens, record.completion_tokens) == (10, 4)
     assert (
@@ -77,6 +91,20 @@ def test_items_are_queued_on_the_batch_queue_and_counted_as_they_end(store, cele
         (2, "c2", "succeeded"),
     ]
     assert entries[0]["end"]["error"] == error and entries[1]["end"]["result"] == RESULT
+
+
+def test_a_batch_is_completed_only_when_every_request_succeeded(store, celery):
+    clean, cancelled_one = make_batch(store, celery, 2, "b-clean"), make_batch(store, celery, 2, "b-one-cancelled")
+    for index in range(2):
+        assert store.jobs.claim(item(clean, index), "w", 3) == "claimed"
+        store.jobs.finish(item(clean, index), 1, JobState.SUCCEEDED, result=RESULT)
+    assert store.get(clean).status is BatchState.COMPLETED
+    assert store.jobs.cancel(item(cancelled_one, 0)) is JobState.CANCELLED  # one request cancelled by itself
+    assert store.jobs.claim(item(cancelled_one, 1), "w", 3) == "claimed"
+    store.jobs.finish(item(cancelled_one, 1), 1, JobState.SUCCEEDED, result=RESULT)
+    record = store.get(cancelled_one)
+    assert (record.status, record.completed, record.cancelled) == (BatchState.COMPLETED_WITH_ERRORS, 1, 1)
+    assert record.status.terminal and "completed_at" in record.timestamps
 
 
 def test_results_skip_items_still_running_and_keep_input_order(store, celery):
@@ -93,7 +121,7 @@ def test_cancel_ends_queued_items_now_and_flags_running_ones(store, celery):
     assert jobs.claim(item(batch_id, 0), "w", 3) == "claimed"
     jobs.finish(item(batch_id, 0), 1, JobState.SUCCEEDED, result=RESULT)
     assert jobs.claim(item(batch_id, 1), "w", 3) == "claimed"
-    jobs.append_chunk(item(batch_id, 1), 1, "par")
+    append_chunk(jobs, item(batch_id, 1), 1, "par")
 
     assert store.cancel(batch_id) is BatchState.CANCELLING  # item 1 is still running
     assert [jobs.get(item(batch_id, i)).status for i in range(4)] == [
@@ -118,10 +146,10 @@ def test_cancel_ends_queued_items_now_and_flags_running_ones(store, celery):
 
 def test_a_batch_cancelled_while_validating_never_starts(store, celery):
     store.create("b2", "", "cpu", {})
-    store.add_items("b2", "", "cpu", 0, [BatchItem(None, {"prompt": "a"})])
+    store.add_items("b2", "", "cpu", 0, [BatchRequest(None, {"prompt": "a"})])
     assert store.cancel("b2") is BatchState.CANCELLING  # total unknown yet: not ended
-    store.add_items("b2", "", "cpu", 1, [BatchItem(None, {"prompt": "b"})])  # the API goes on writing
-    assert store.enqueue(celery, "b2", "cpu", 2) is BatchState.CANCELLING
+    store.add_items("b2", "", "cpu", 1, [BatchRequest(None, {"prompt": "b"})])  # the API goes on writing
+    assert queue_batch(store, celery, "b2", 2) is BatchState.CANCELLING
     record = store.get("b2")
     assert (record.status, record.cancelled) == (BatchState.CANCELLED, 2)
     assert [store.jobs.get(item("b2", i)).status for i in range(2)] == [JobState.CANCELLED] * 2
@@ -137,7 +165,7 @@ def test_a_completed_batch_cannot_be_cancelled(store, celery):
 
 def test_discard_removes_a_refused_batch_and_its_items(store):
     store.create("b3", "alice", "cpu", {})
-    store.add_items("b3", "alice", "cpu", 0, [BatchItem(None, {"prompt": "a"}) for _ in range(3)])
+    store.add_items("b3", "alice", "cpu", 0, [BatchRequest(None, {"prompt": "a"}) for _ in range(3)])
     store.discard("b3", "alice", 3)
     assert store.redis.keys("*") == []
 

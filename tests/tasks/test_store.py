@@ -4,10 +4,16 @@ import time
 import pytest
 import redis
 
-from tasks import keys
-from tasks.states import JobState
-from tasks.store import JobStore
+from tasks.store import keys
+from tasks.store.followers import Followers
+from tasks.store.jobs import JobStore
+from tasks.store.states import JobState
 from tests.conftest import STORE_DB, redis_url
+
+
+def append_chunk(store, job_id: str, seq: int, text: str) -> bool:
+    """Log one chunk; False if it was logged already or the job has ended."""
+    return store.append_chunks([(job_id, seq, text)]) == [1]
 
 
 @pytest.fixture
@@ -19,7 +25,7 @@ def store():
 
 def test_a_job_and_its_log_expire_after_the_ttl(store):
     store.create("j1", {"prompt": "hi"}, "cpu")
-    assert store.append_chunk("j1", 1, "Hel")
+    assert append_chunk(store, "j1", 1, "Hel")
     assert 0 < store.redis.ttl(keys.job("j1")) <= 120
     assert 0 < store.redis.ttl(keys.job_log("j1")) <= 120
 
@@ -27,10 +33,10 @@ def test_a_job_and_its_log_expire_after_the_ttl(store):
 def test_chunks_replay_in_order_and_a_repeated_seq_is_not_logged_twice(store):
     store.create("j1", {"prompt": "hi"}, "cpu")
     assert store.claim("j1", "w1", 3) == "claimed"
-    assert [store.append_chunk("j1", seq, text) for seq, text in [(1, "a"), (2, "b"), (3, "c")]] == [True] * 3
+    assert [append_chunk(store, "j1", seq, text) for seq, text in [(1, "a"), (2, "b"), (3, "c")]] == [True] * 3
     # A redelivered job generates its chunks again: the log keeps one copy.
-    assert not store.append_chunk("j1", 1, "a")
-    assert not store.append_chunk("j1", 3, "c")
+    assert not append_chunk(store, "j1", 1, "a")
+    assert not append_chunk(store, "j1", 3, "c")
     assert store.finish("j1", 4, JobState.SUCCEEDED, result={"response": "abc"})
     events = store.events("j1")
     assert [e["seq"] for e in events] == [1, 2, 3, 4]
@@ -42,7 +48,7 @@ def test_chunks_replay_in_order_and_a_repeated_seq_is_not_logged_twice(store):
 def test_nothing_is_appended_after_the_job_ended(store):
     store.create("j1", {"prompt": "hi"}, "cpu")
     assert store.finish("j1", 1, JobState.CANCELLED)
-    assert not store.append_chunk("j1", 2, "late")
+    assert not append_chunk(store, "j1", 2, "late")
     assert not store.finish("j1", 2, JobState.SUCCEEDED, result={"response": "late"})
     assert store.claim("j1", "w1", 3) == "cancelled"
     record = store.get("j1")
@@ -53,7 +59,7 @@ def test_nothing_is_appended_after_the_job_ended(store):
 
 def test_unknown_or_expired_jobs_take_no_writes(store):
     assert store.get("nope") is None
-    assert not store.append_chunk("nope", 1, "x")
+    assert not append_chunk(store, "nope", 1, "x")
     assert not store.redis.exists(keys.job_log("nope"))
 
 
@@ -72,16 +78,17 @@ def test_record_keeps_state_and_timestamps(store):
 
 def test_a_live_follower_and_a_late_one_see_every_event(store):
     store.create("j1", {"prompt": "hi"}, "cpu")
-    store.append_chunk("j1", 1, "early ")
+    append_chunk(store, "j1", 1, "early ")
     live: list[dict] = []
-    follower = threading.Thread(target=lambda: live.extend(e for e in store.follow("j1", poll_s=0.2) if e))
+    followers = Followers(store)
+    follower = threading.Thread(target=lambda: live.extend(e for e in followers.events("j1", poll_s=0.2) if e))
     follower.start()
     time.sleep(0.3)
     for seq in range(2, 30):
-        store.append_chunk("j1", seq, f"{seq} ")
+        append_chunk(store, "j1", seq, f"{seq} ")
     store.finish("j1", 30, JobState.SUCCEEDED, result={"response": "..."})
     follower.join(timeout=10)
-    late = [e for e in store.follow("j1") if e]
+    late = [e for e in followers.events("j1") if e]
     assert [e["seq"] for e in live] == list(range(1, 31))
     assert late == live
 
@@ -89,8 +96,8 @@ def test_a_live_follower_and_a_late_one_see_every_event(store):
 def test_follow_resumes_after_a_seq_and_ends_when_the_job_expires(store):
     store.create("j1", {"prompt": "hi"}, "cpu")
     for seq in (1, 2, 3):
-        store.append_chunk("j1", seq, "x")
-    events = store.follow("j1", after_seq=2, poll_s=0.2)
+        append_chunk(store, "j1", seq, "x")
+    events = Followers(store).events("j1", after_seq=2, poll_s=0.2)
     assert next(events)["seq"] == 3
     assert next(events) is None  # quiet: a keep-alive point
     store.redis.delete(keys.job("j1"))
@@ -115,7 +122,7 @@ def test_a_job_whose_worker_died_is_taken_over_until_attempts_run_out(store):
     store.create("j1", {"prompt": "hi"}, "cpu")
     assert store.claim("j1", "w1", 2) == "claimed"  # w1 has no heartbeat: it died
     started = store.get("j1").started_at
-    store.append_chunk("j1", 1, "partial")
+    append_chunk(store, "j1", 1, "partial")
     assert store.claim("j1", "w2", 2) == "claimed"
     record = store.get("j1")
     assert record.attempts == 2 and record.started_at == started

@@ -6,9 +6,9 @@ import threading
 import pytest
 import redis
 
-from tasks.states import JobState
-from tasks.store import JobStore
-from tasks.writer import ChunkWriter, WriteFailedError
+from tasks.runtime.writer import ChunkWriter, WriteFailedError
+from tasks.store.jobs import JobStore
+from tasks.store.states import JobState
 from tests.conftest import STORE_DB, redis_url
 
 
@@ -28,7 +28,7 @@ def test_chunks_of_many_jobs_handed_over_at_once_are_logged_in_order_per_job(sto
     jobs = [f"j{n}" for n in range(8)]
     for job_id in jobs:
         running_job(store, job_id)
-    writer = ChunkWriter(store)
+    writer = ChunkWriter(store).start()
 
     def generate(job_id: str) -> None:  # as the engine's callback does: one chunk per token
         for seq in range(1, 201):
@@ -49,7 +49,7 @@ def test_chunks_of_many_jobs_handed_over_at_once_are_logged_in_order_per_job(sto
 
 def test_a_chunk_sent_again_is_not_logged_twice(store):
     running_job(store, "j1")
-    writer = ChunkWriter(store)
+    writer = ChunkWriter(store).start()
     for seq, text in [(1, "a"), (2, "b"), (1, "a"), (2, "b"), (3, "c")]:  # a redelivered job starts over
         writer.append("j1", seq, text)
     writer.flush("j1")
@@ -58,7 +58,7 @@ def test_a_chunk_sent_again_is_not_logged_twice(store):
 
 def test_a_job_that_ended_elsewhere_stops_taking_chunks(store):
     running_job(store, "j1")
-    writer = ChunkWriter(store)
+    writer = ChunkWriter(store).start()
     writer.append("j1", 1, "a")
     writer.flush("j1")
     assert store.finish("j1", 2, JobState.CANCELLED, result={"response": "a"})
@@ -73,7 +73,7 @@ def test_a_lost_redis_fails_the_jobs_chunks_after_retrying():
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     unreachable = JobStore(redis.Redis(port=port, socket_connect_timeout=0.2))
-    writer = ChunkWriter(unreachable, retry_for_s=0.5)
+    writer = ChunkWriter(unreachable, retry_for_s=0.5).start()
     writer.append("j1", 1, "a")
     with pytest.raises(WriteFailedError, match="not written"):
         writer.flush("j1")
