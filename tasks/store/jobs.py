@@ -72,7 +72,10 @@ if TERMINAL[new_status] then
   return 1
 end
 if #fields > 0 then redis.call('HSET', KEYS[1], unpack(fields)) end
-if status == QUEUED and new_status == RUNNING then batch_item_started(KEYS[1]) end
+if status == QUEUED and new_status == RUNNING then
+  redis.call('ZREM', QUEUED_JOBS, redis.call('HGET', KEYS[1], 'id'))
+  batch_item_started(KEYS[1])
+end
 redis.call('EXPIRE', KEYS[1], ARGV[1])
 if seq > 0 then append_event(KEYS[2], KEYS[3], ARGV[1], seq, event) end
 return 1
@@ -124,6 +127,7 @@ redis.call('HSET', KEYS[1], 'status', RUNNING, 'worker', ARGV[3])
 redis.call('HSET', RUNNING_JOBS, redis.call('HGET', KEYS[1], 'id'), ARGV[3])
 if status == QUEUED then
   redis.call('HSET', KEYS[1], 'started_at', ARGV[2])
+  redis.call('ZREM', QUEUED_JOBS, redis.call('HGET', KEYS[1], 'id'))
   batch_item_started(KEYS[1])
 end
 return {'claimed', attempts}
@@ -167,6 +171,7 @@ end
 redis.call('HSET', KEYS[1], unpack(ARGV, {7 + quotas.QUOTA_ARGS}))
 redis.call('EXPIRE', KEYS[1], ttl)
 redis.call('LPUSH', KEYS[2], ARGV[5])
+redis.call('ZADD', QUEUED_JOBS, created_at, job_id)
 redis.call('SADD', KEYS[4], job_id)
 redis.call('EXPIRE', KEYS[4], ttl)
 redis.call('ZADD', KEYS[3], created_at, job_id)

@@ -48,6 +48,11 @@ def job_tokens(job_id: str) -> str:
 # recovery sweep reads to find jobs whose holder stopped beating (tasks/runtime/recovery.py).
 RUNNING = f"{PREFIX}:running"
 
+# A sorted set of the queued jobs: job id -> when its message was pushed. Added in the step that pushes
+# the message, removed when the job is claimed or ends; where the recovery sweep looks for a job whose
+# message was lost between its queue and the unacked hash (tasks/store/lost.py).
+QUEUED = f"{PREFIX}:queued"
+
 
 def job_channel(job_id: str) -> str:
     return f"{PREFIX}:job:{job_id}:events"

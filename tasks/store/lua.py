@@ -25,7 +25,7 @@ PRELUDE = f"""
 local TERMINAL = {_lua_set(s for s in JobState if s.terminal)}
 local BATCH_LIVE = {_lua_set(s for s in BatchState if not s.terminal and s is not BatchState.CANCELLING)}
 local QUEUED, RUNNING = '{JobState.QUEUED}', '{JobState.RUNNING}'
-local RUNNING_JOBS = '{keys.RUNNING}'
+local RUNNING_JOBS, QUEUED_JOBS = '{keys.RUNNING}', '{keys.QUEUED}'
 local SUCCEEDED, FAILED, CANCELLED = '{JobState.SUCCEEDED}', '{JobState.FAILED}', '{JobState.CANCELLED}'
 local B_VALIDATING, B_IN_PROGRESS = '{BatchState.VALIDATING}', '{BatchState.IN_PROGRESS}'
 local B_FINALIZING = '{BatchState.FINALIZING}'
@@ -122,7 +122,10 @@ end
 -- under seq, its batch's counts and its webhook, in this one step.
 local function end_job(job_key, log_key, channel, ttl, seq, fields, event)
   local id = redis.call('HGET', job_key, 'id')
-  if id then redis.call('HDEL', RUNNING_JOBS, id) end
+  if id then
+    redis.call('HDEL', RUNNING_JOBS, id)
+    redis.call('ZREM', QUEUED_JOBS, id)
+  end
   redis.call('HSET', job_key, unpack(fields))
   redis.call('EXPIRE', job_key, ttl)
   append_event(log_key, channel, ttl, seq, event)

@@ -1,10 +1,12 @@
 """Faults with real processes: a worker killed mid-job, graceful shutdown."""
 
+import json
 import signal
 import time
 
 import pytest
 
+from tasks.runtime.app import job_of_message
 from tasks.store import keys
 from tasks.store.states import JobState
 from tests.conftest import FAULT_DB, WorkerProcess, make_client
@@ -264,3 +266,29 @@ def test_jobs_waiting_in_a_live_workers_reserve_move_to_an_idle_worker_and_run_o
         busy.stop()
         if idle is not None:
             idle.stop()
+
+
+def test_jobs_whose_messages_were_lost_on_the_way_to_a_worker_run_once_within_seconds(tiny_dir, fault_db):
+    # kombu's Redis transport takes a message off its list (BRPOP), then records it as unacknowledged: a
+    # worker killed, or a Redis stopped, between the two loses it. The test takes them as such a worker.
+    client = make_client(fault_db, NO_WORKER_GRACE_S=0)  # no worker yet: the messages wait on their lists
+    store = client.application.extensions["genqueue.jobs"].store
+    job_id = client.post("/v1/jobs", json={"prompt": "one", "max_tokens": 8}).json["id"]
+    requests = [{"prompt": "two", "max_tokens": 8}, {"prompt": "three", "max_tokens": 8}]
+    batch_id = client.post("/v1/batches", json={"requests": requests}).json["id"]
+    assert job_of_message(json.loads(store.redis.rpop("cpu"))) == job_id
+    item_id = job_of_message(json.loads(store.redis.rpop("cpu.batch")))
+    assert item_id == keys.batch_item(batch_id, 0) and store.redis.llen("cpu") == 0
+    worker = WorkerProcess(tiny_dir, fault_db, heartbeat_timeout_s=2, concurrency=2)
+    try:
+        assert wait_job(client, job_id, timeout_s=30)["status"] == "succeeded", worker.output()[-3000:]
+        assert wait_job(client, item_id, timeout_s=30)["status"] == "succeeded", worker.output()[-3000:]
+        deadline = time.monotonic() + 30
+        while client.get(f"/v1/batches/{batch_id}").json["status"] != "completed":
+            assert time.monotonic() < deadline, client.get(f"/v1/batches/{batch_id}").json
+            time.sleep(0.1)
+        assert [store.get(job).attempts for job in (job_id, item_id)] == [1, 1]  # new messages, each run once
+        assert worker.output().count("its message was lost on its way to a worker; queued again") == 2
+        assert store.redis.zcard(keys.QUEUED) == 0
+    finally:
+        worker.stop()

@@ -14,8 +14,9 @@ import redis
 
 import config
 from tasks.runtime.app import GENERATE_TASK, WEBHOOK_TASK, batch_queue, create_celery, job_of_message, task_message
+from tasks.runtime.recovery import broker_lists
 from tasks.runtime.submission import SubmissionSweeper, finish_stalled
-from tasks.store import keys
+from tasks.store import keys, lost
 from tasks.store.deliveries import Deliveries
 from tasks.store.jobs import JobStore
 from tasks.store.quotas import Limits
@@ -98,6 +99,38 @@ def test_a_delivered_message_whose_job_is_still_queued_long_after_goes_back_on_i
     assert set(store.redis.hkeys(keys.BROKER_UNACKED)) == left
     assert set(store.redis.zrange(keys.BROKER_UNACKED_INDEX, 0, -1)) == left
     assert Deliveries(store.redis).sweep(10, job_of_message) == ([], [])  # once
+
+
+def test_a_queued_job_whose_message_is_nowhere_is_found_and_given_a_new_one(store, celery, monkeypatch):
+    sent = {}
+    for job_id in ("lost", "reserved", "waiting", "claimed", "cancelled", "young", "gone"):
+        sent[job_id] = task_message(celery, job_id, "cpu")
+        store.submit(job_id, {"prompt": "hi"}, "cpu", "", sent[job_id])
+    assert json.loads(store.redis.rpop("cpu"))["headers"]["argsrepr"] == "['lost']"  # a worker took it, died
+    deliver(store, "cpu", 0)  # "reserved": in the unacked hash
+    assert store.claim("claimed", "w1", 3) == "claimed"
+    assert store.cancel("cancelled") is JobState.CANCELLED
+    store.redis.lrem("cpu", 1, sent["young"])  # lost too, but queued after the cutoff
+    store.delete("gone")  # expired
+    queued = store.redis.zrange(keys.QUEUED, 0, -1)
+    assert set(queued) == {"lost", "reserved", "waiting", "young", "gone"}
+    store.redis.zadd(keys.QUEUED, {job_id: time.time() - (0 if job_id == "young" else 60) for job_id in queued})
+    messages = lost.LostMessages(store.redis)
+    cutoff = time.time() - 30
+
+    assert messages.missing(cutoff, broker_lists, job_of_message) == [lost.Queued("lost", "cpu", False)]
+    assert set(store.redis.zrange(keys.QUEUED, 0, -1)) == {"lost", "reserved", "waiting", "young"}
+    with monkeypatch.context() as patched:
+        patched.setattr(lost, "SCAN_LIMIT", 2)  # more messages than that in the lists: it waits
+        assert messages.missing(cutoff, broker_lists, job_of_message) == []
+
+    assert messages.requeue("lost", "cpu", task_message(celery, "lost", "cpu"), cutoff)
+    assert queued_ids(store.redis, "cpu")[-1] == "lost"  # at the end kombu takes from next
+    assert not messages.requeue("lost", "cpu", task_message(celery, "lost", "cpu"), cutoff)  # pushed once
+    assert messages.missing(cutoff, broker_lists, job_of_message) == []
+    assert messages.missing(time.time() + 1, broker_lists, job_of_message) == [lost.Queued("young", "cpu", False)]
+    assert not messages.requeue("claimed", "cpu", task_message(celery, "claimed", "cpu"), cutoff)  # it runs
+    assert queued_ids(store.redis, "cpu").count("lost") == 1 and queued_ids(store.redis, "cpu").count("claimed") == 1
 
 
 def test_a_job_is_stored_if_and_only_if_its_message_is_queued(store, celery):
