@@ -20,7 +20,7 @@ from api.batches import jsonl_lines
 from api.errors import ApiError
 from api.http import PAGE_PARAMETERS, check_text, list_page, owner, page_limit
 from api.openai.batches import output_file
-from api.openai.protocol import OpenAIErrorSchema
+from api.openai.protocol import OPENAI_ERROR
 from api.openapi import document
 from api.service import file_service
 from api.service.batches import MAX_LISTED_ERRORS, too_large
@@ -30,7 +30,6 @@ from tasks.store.files import FileRecord
 bp = Blueprint("openai_files", __name__, url_prefix="/v1/files")
 
 MULTIPART_OVERHEAD_BYTES = 64 * 1024  # the form's boundaries and its purpose field, beside the file
-OPENAI_ERROR = ("OpenAI's error shape: {error: {message, type, param, code}}", OpenAIErrorSchema)
 TAGS = ["OpenAI-compatible batches"]
 
 

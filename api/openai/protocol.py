@@ -444,6 +444,10 @@ class OpenAIErrorSchema(Schema):
     error = fields.Nested(OpenAIErrorDetailSchema)
 
 
+# An OpenAI route's error response, as api/openapi.py document() takes it.
+OPENAI_ERROR = ("OpenAI's error shape: {error: {message, type, param, code}}", OpenAIErrorSchema)
+
+
 class OpenAIUsageSchema(Schema):
     prompt_tokens = fields.Integer()
     completion_tokens = fields.Integer()

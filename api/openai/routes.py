@@ -14,11 +14,11 @@ from marshmallow import Schema, fields
 from api import waiting
 from api.http import json_body
 from api.openai.protocol import (
+    OPENAI_ERROR,
     ChatCompletionAnswerSchema,
     ChatCompletionChunkSchema,
     ChatCompletionSchema,
     CompletionSchema,
-    OpenAIErrorSchema,
     Shape,
     TextCompletionAnswerSchema,
     parse,
@@ -30,7 +30,8 @@ from api.service.models import ServedModel
 
 bp = Blueprint("openai", __name__, url_prefix="/v1")
 
-OPENAI_ERROR = ("OpenAI's error shape: {error: {message, type, param, code}}", OpenAIErrorSchema)
+# What a generation route may answer besides its completion.
+GENERATION_ERRORS = {status: OPENAI_ERROR for status in (400, 404, 409, 429, 503, 504)}
 STREAM_DOC = "With stream: Server-Sent Events of chunks, then data: [DONE]"
 
 
@@ -127,12 +128,7 @@ CHAT_EXAMPLE = {
     },
     responses={
         200: ("The chat.completion; " + STREAM_DOC, ChatCompletionAnswerSchema, "text/event-stream"),
-        400: OPENAI_ERROR,
-        404: OPENAI_ERROR,
-        409: OPENAI_ERROR,
-        429: OPENAI_ERROR,
-        503: OPENAI_ERROR,
-        504: OPENAI_ERROR,
+        **GENERATION_ERRORS,
     },
 )
 def chat_completions():
@@ -150,12 +146,7 @@ def chat_completions():
     examples={"request": {"model": "smollm2-135m-instruct", "prompt": "Once upon a time", "max_tokens": 16}},
     responses={
         200: ("The text_completion; " + STREAM_DOC, TextCompletionAnswerSchema, "text/event-stream"),
-        400: OPENAI_ERROR,
-        404: OPENAI_ERROR,
-        409: OPENAI_ERROR,
-        429: OPENAI_ERROR,
-        503: OPENAI_ERROR,
-        504: OPENAI_ERROR,
+        **GENERATION_ERRORS,
     },
 )
 def completions():
