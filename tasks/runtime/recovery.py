@@ -21,12 +21,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import redis
 
-from tasks.runtime.app import batch_queue, job_of_message
-from tasks.store import keys
+from tasks.runtime.app import job_of_message
 from tasks.store.deliveries import Deliveries
 from tasks.store.jobs import JobStore
 from tasks.store.lost import LostMessages
@@ -36,7 +35,7 @@ log = logging.getLogger(__name__)
 
 # take_over(job id, holder seen) -> True taken, False lost the race (or it ended), None: no room here now.
 TakeOver = Callable[[str, str], "bool | None"]
-# message_for(job id, queue) -> the broker message that queues the job there (tasks/runtime/app.py).
+# message_for(job id, broker list) -> the message that queues the job there (tasks/runtime/app.py).
 MessageFor = Callable[[str, str], str]
 
 
@@ -49,14 +48,16 @@ class Recovery:
         take_over: TakeOver,
         interval_s: float,
         unclaimed_after_s: float,
+        broker_lists: Sequence[str],
         message_for: MessageFor,
     ):
         self.store, self.registry, self.worker_id = store, registry, worker_id
         self.deliveries = Deliveries(store.redis)
         self.unclaimed_after_s = unclaimed_after_s  # a delivered job still queued this long: its worker died
         self.lost = LostMessages(store.redis)
+        self.broker_lists = tuple(broker_lists)  # the lists this worker consumes: where it looks for lost messages
         self.message_for = message_for
-        self._missing: set[str] = set()  # jobs whose message the last search for lost ones did not find
+        self._missing: set[tuple[str, str]] = set()  # (list, job) the last search for lost messages missed
         self._next_lost_search = 0.0  # time.monotonic() of the next one: every unclaimed_after_s
         self.take_over = take_over
         self.interval_s = interval_s
@@ -97,7 +98,6 @@ class Recovery:
             log.info("job %s: its message was delivered to a worker that never claimed it; queued again", job_id)
         for job_id in swept.dropped:
             log.info("job %s: ended; a message for it that was never acknowledged is dropped", job_id)
-        self._requeue_lost()
         if not self._taking:
             return 0
         running = {job: holder for job, holder in self.store.running().items() if holder != self.worker_id}
@@ -112,6 +112,10 @@ class Recovery:
             if outcome:
                 log.info("job %s: taken over from %s", job_id, holder or "a worker that handed it back")
                 taken += 1
+        try:
+            self._requeue_lost()
+        except redis.RedisError as exc:  # its own failure never holds the takeovers back
+            log.warning("search for lost messages failed: %s", exc)
         return taken
 
     def _requeue_lost(self) -> None:
@@ -120,14 +124,13 @@ class Recovery:
         if time.monotonic() < self._next_lost_search:
             return
         self._next_lost_search = time.monotonic() + self.unclaimed_after_s
-        cutoff = time.time() - self.unclaimed_after_s
-        missing = self.lost.missing(cutoff, broker_lists, job_of_message)
-        missed_before, self._missing = self._missing, {entry.job_id for entry in missing}
-        for entry in (entry for entry in missing if entry.job_id in missed_before):
-            queue = batch_queue(entry.queue) if entry.batch_item else entry.queue
-            if self.lost.requeue(entry.job_id, keys.broker_queue(queue), self.message_for(entry.job_id, queue), cutoff):
-                log.warning("job %s: its message was lost on its way to a worker; queued again", entry.job_id)
-                self._missing.discard(entry.job_id)
+        cutoff = self.lost.now() - self.unclaimed_after_s
+        missing = {(name, job) for name in self.broker_lists for job in self.lost.missing(name, cutoff, job_of_message)}
+        missed_before, self._missing = self._missing, missing
+        for broker_list, job_id in sorted(missing & missed_before):
+            if self.lost.requeue(job_id, broker_list, self.message_for(job_id, broker_list), cutoff):
+                log.warning("job %s: its message was lost on its way to a worker; queued again", job_id)
+                self._missing.discard((broker_list, job_id))
 
     def _release_pending(self) -> None:
         with self._lock:
@@ -149,8 +152,3 @@ class Recovery:
                 log.warning("recovery sweep failed: %s", exc)
             except Exception:  # a sweep must never end the thread
                 log.exception("recovery sweep failed")
-
-
-def broker_lists(queue: str) -> tuple[str, str]:
-    """The broker lists that hold a job's messages: its queue's, and its queue's batch queue's."""
-    return keys.broker_queue(queue), keys.broker_queue(batch_queue(queue))

@@ -40,6 +40,7 @@ from tasks.runtime.offload import Offload
 from tasks.runtime.recovery import Recovery
 from tasks.runtime.submission import SubmissionSweeper
 from tasks.runtime.writer import ChunkWriter, WriteFailedError
+from tasks.store import keys
 from tasks.store.jobs import JobRecord, JobStore, Progress
 from tasks.store.metrics import MetricsRecorder
 from tasks.store.registry import WorkerInfo, WorkerRegistry, beat_interval
@@ -168,8 +169,9 @@ class WorkerRuntime:
         self.heartbeat = Heartbeat(registry, self.info(), running, interval_s=beat_interval(timeout_s), ttl_s=timeout_s)
         messages = create_celery(settings)  # builds messages only: it never connects
         message_for = lambda job_id, queue: task_message(messages, job_id, queue)  # noqa: E731
+        lists = sorted(keys.broker_queue(queue) for queue in self.queues)
         self.recovery = Recovery(
-            self.store, registry, self.worker_id, self.take_over, timeout_s / 5, timeout_s, message_for
+            self.store, registry, self.worker_id, self.take_over, timeout_s / 5, timeout_s, lists, message_for
         )
         self.sweeper = SubmissionSweeper(settings, self.store)  # finishes batch submissions a dead API left
         if settings["VISIBILITY_TIMEOUT_S"] <= settings["JOB_TIME_LIMIT_S"]:

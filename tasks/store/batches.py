@@ -114,10 +114,8 @@ if redis.call('HGET', KEYS[1], 'status') ~= B_VALIDATING then return -1 end
 local queued = tonumber(redis.call('HGET', KEYS[1], 'queued') or '0')
 if queued ~= tonumber(ARGV[3]) then return queued end
 redis.call('LPUSH', KEYS[2], unpack(ARGV, 4))
-local time = redis.call('TIME')
-local now = tonumber(time[1]) + tonumber(time[2]) / 1000000
--- the items' job ids, as keys.batch_item derives them: indexed as queued (tasks/store/lost.py)
-for index = queued, queued + #ARGV - 4 do redis.call('ZADD', QUEUED_JOBS, now, ARGV[2] .. '-' .. index) end
+-- the items' job ids, as keys.batch_item derives them
+for index = queued, queued + #ARGV - 4 do index_queued(ARGV[2] .. '-' .. index, KEYS[2]) end
 queued = queued + #ARGV - 3
 redis.call('HSET', KEYS[1], 'queued', queued)
 redis.call('ZADD', KEYS[3], 'XX', ARGV[1], ARGV[2])

@@ -73,7 +73,7 @@ if TERMINAL[new_status] then
 end
 if #fields > 0 then redis.call('HSET', KEYS[1], unpack(fields)) end
 if status == QUEUED and new_status == RUNNING then
-  redis.call('ZREM', QUEUED_JOBS, redis.call('HGET', KEYS[1], 'id'))
+  unindex_queued(KEYS[1], redis.call('HGET', KEYS[1], 'id'))
   batch_item_started(KEYS[1])
 end
 redis.call('EXPIRE', KEYS[1], ARGV[1])
@@ -127,7 +127,7 @@ redis.call('HSET', KEYS[1], 'status', RUNNING, 'worker', ARGV[3])
 redis.call('HSET', RUNNING_JOBS, redis.call('HGET', KEYS[1], 'id'), ARGV[3])
 if status == QUEUED then
   redis.call('HSET', KEYS[1], 'started_at', ARGV[2])
-  redis.call('ZREM', QUEUED_JOBS, redis.call('HGET', KEYS[1], 'id'))
+  unindex_queued(KEYS[1], redis.call('HGET', KEYS[1], 'id'))
   batch_item_started(KEYS[1])
 end
 return {'claimed', attempts}
@@ -171,7 +171,7 @@ end
 redis.call('HSET', KEYS[1], unpack(ARGV, {7 + quotas.QUOTA_ARGS}))
 redis.call('EXPIRE', KEYS[1], ttl)
 redis.call('LPUSH', KEYS[2], ARGV[5])
-redis.call('ZADD', QUEUED_JOBS, created_at, job_id)
+index_queued(job_id, KEYS[2])
 redis.call('SADD', KEYS[4], job_id)
 redis.call('EXPIRE', KEYS[4], ttl)
 redis.call('ZADD', KEYS[3], created_at, job_id)

@@ -48,10 +48,13 @@ def job_tokens(job_id: str) -> str:
 # recovery sweep reads to find jobs whose holder stopped beating (tasks/runtime/recovery.py).
 RUNNING = f"{PREFIX}:running"
 
-# A sorted set of the queued jobs: job id -> when its message was pushed. Added in the step that pushes
-# the message, removed when the job is claimed or ends; where the recovery sweep looks for a job whose
-# message was lost between its queue and the unacked hash (tasks/store/lost.py).
-QUEUED = f"{PREFIX}:queued"
+
+def queued(broker_list: str) -> str:
+    """A sorted set of the queued jobs whose message goes on broker_list: job id -> when it was pushed
+    (Redis time). Added in the step that pushes the message (the job hash keeps the list's name, as
+    broker_list), removed when the job is claimed or ends; where the recovery sweep looks for a job whose
+    message was lost between its list and the unacked hash (tasks/store/lost.py)."""
+    return f"{PREFIX}:queued:{broker_list}"
 
 
 def job_channel(job_id: str) -> str:

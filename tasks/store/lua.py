@@ -25,7 +25,8 @@ PRELUDE = f"""
 local TERMINAL = {_lua_set(s for s in JobState if s.terminal)}
 local BATCH_LIVE = {_lua_set(s for s in BatchState if not s.terminal and s is not BatchState.CANCELLING)}
 local QUEUED, RUNNING = '{JobState.QUEUED}', '{JobState.RUNNING}'
-local RUNNING_JOBS, QUEUED_JOBS = '{keys.RUNNING}', '{keys.QUEUED}'
+local RUNNING_JOBS = '{keys.RUNNING}'
+local JOB_PREFIX, QUEUED_PREFIX = '{keys.job("")}', '{keys.queued("")}'
 local SUCCEEDED, FAILED, CANCELLED = '{JobState.SUCCEEDED}', '{JobState.FAILED}', '{JobState.CANCELLED}'
 local B_VALIDATING, B_IN_PROGRESS = '{BatchState.VALIDATING}', '{BatchState.IN_PROGRESS}'
 local B_FINALIZING = '{BatchState.FINALIZING}'
@@ -48,6 +49,24 @@ local function last_seq(log_key)
   return tonumber(string.match(last[1][1], '^(%d+)-'))
 end
 
+-- Redis's clock, as a Unix time: the one clock of the queued jobs' index (keys.queued).
+local function redis_now()
+  local time = redis.call('TIME')
+  return tonumber(time[1]) + tonumber(time[2]) / 1000000
+end
+
+-- Index a job as queued on the broker list its message was pushed onto, or drop it from there.
+local function index_queued(job_id, broker_list)
+  if redis.call('EXISTS', JOB_PREFIX .. job_id) == 0 then return end  -- never leave a hash without its TTL
+  redis.call('HSET', JOB_PREFIX .. job_id, 'broker_list', broker_list)
+  redis.call('ZADD', QUEUED_PREFIX .. broker_list, redis_now(), job_id)
+end
+
+local function unindex_queued(job_key, job_id)
+  local broker_list = redis.call('HGET', job_key, 'broker_list')
+  if broker_list then redis.call('ZREM', QUEUED_PREFIX .. broker_list, job_id) end
+end
+
 -- Log an event under its seq and publish it to the job's followers.
 local function append_event(log_key, channel, ttl, seq, event)
   redis.call('XADD', log_key, seq .. '-0', 'event', event)
@@ -63,8 +82,7 @@ local function queue_webhook(key, kind, event_type)
   if not found[1] then return end
   local message_id = 'msg_' .. found[2]
   local entry = '{keys.webhook("")}' .. message_id
-  local time = redis.call('TIME')
-  local now = tonumber(time[1]) + tonumber(time[2]) / 1000000
+  local now = redis_now()
   redis.call('HSET', entry, 'id', message_id, 'url', found[1], 'kind', kind, 'subject', found[2],
              'type', event_type, 'timestamp', string.format('%.6f', now), 'attempts', 0, 'dispatch', 0)
   redis.call('EXPIRE', entry, {WEBHOOK_OUTBOX_TTL_S})
@@ -124,7 +142,7 @@ local function end_job(job_key, log_key, channel, ttl, seq, fields, event)
   local id = redis.call('HGET', job_key, 'id')
   if id then
     redis.call('HDEL', RUNNING_JOBS, id)
-    redis.call('ZREM', QUEUED_JOBS, id)
+    unindex_queued(job_key, id)
   end
   redis.call('HSET', job_key, unpack(fields))
   redis.call('EXPIRE', job_key, ttl)

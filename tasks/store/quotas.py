@@ -54,7 +54,7 @@ QUOTA_ARGS = len(limit_args(NO_LIMITS))
 # Shared by the scripts that admit new work. Each check returns nil, or the refusal to return:
 # {'refused', limit, count, maximum}.
 LUA = f"""
-local JOB_PREFIX, BATCH_PREFIX = '{keys.job("")}', '{keys.batch("")}'
+local BATCH_PREFIX = '{keys.batch("")}'
 
 local function read_limits(first)
   return {{seen_since = tonumber(ARGV[first]), queue_depth = tonumber(ARGV[first + 1]),

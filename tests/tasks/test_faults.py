@@ -289,6 +289,6 @@ def test_jobs_whose_messages_were_lost_on_the_way_to_a_worker_run_once_within_se
             time.sleep(0.1)
         assert [store.get(job).attempts for job in (job_id, item_id)] == [1, 1]  # new messages, each run once
         assert worker.output().count("its message was lost on its way to a worker; queued again") == 2
-        assert store.redis.zcard(keys.QUEUED) == 0
+        assert store.redis.zcard(keys.queued("cpu")) == store.redis.zcard(keys.queued("cpu.batch")) == 0
     finally:
         worker.stop()

@@ -14,12 +14,13 @@ import redis
 
 import config
 from tasks.runtime.app import GENERATE_TASK, WEBHOOK_TASK, batch_queue, create_celery, job_of_message, task_message
-from tasks.runtime.recovery import broker_lists
+from tasks.runtime.recovery import Recovery
 from tasks.runtime.submission import SubmissionSweeper, finish_stalled
 from tasks.store import keys, lost
 from tasks.store.deliveries import Deliveries
 from tasks.store.jobs import JobStore
 from tasks.store.quotas import Limits
+from tasks.store.registry import WorkerRegistry
 from tasks.store.states import BatchState, JobState
 from tests.conftest import REPO, SUBMIT_DB, redis_url
 
@@ -112,25 +113,53 @@ def test_a_queued_job_whose_message_is_nowhere_is_found_and_given_a_new_one(stor
     assert store.cancel("cancelled") is JobState.CANCELLED
     store.redis.lrem("cpu", 1, sent["young"])  # lost too, but queued after the cutoff
     store.delete("gone")  # expired
-    queued = store.redis.zrange(keys.QUEUED, 0, -1)
-    assert set(queued) == {"lost", "reserved", "waiting", "young", "gone"}
-    store.redis.zadd(keys.QUEUED, {job_id: time.time() - (0 if job_id == "young" else 60) for job_id in queued})
+    index = keys.queued("cpu")
+    assert set(store.redis.zrange(index, 0, -1)) == {"lost", "reserved", "waiting", "young", "gone"}
     messages = lost.LostMessages(store.redis)
-    cutoff = time.time() - 30
+    now = messages.now()
+    store.redis.zadd(index, {job_id: now - 60 for job_id in ("lost", "reserved", "waiting", "gone")})
+    cutoff = now - 30
 
-    assert messages.missing(cutoff, broker_lists, job_of_message) == [lost.Queued("lost", "cpu", False)]
-    assert set(store.redis.zrange(keys.QUEUED, 0, -1)) == {"lost", "reserved", "waiting", "young"}
+    assert messages.missing("cpu", cutoff, job_of_message) == ["lost"]
+    assert set(store.redis.zrange(index, 0, -1)) == {"lost", "reserved", "waiting", "young"}  # "gone" forgotten
+    assert messages.missing("cpu.batch", cutoff, job_of_message) == []  # another list, another index
     with monkeypatch.context() as patched:
-        patched.setattr(lost, "SCAN_LIMIT", 2)  # more messages than that in the lists: it waits
-        assert messages.missing(cutoff, broker_lists, job_of_message) == []
+        patched.setattr(lost, "SCAN_LIMIT", 2)  # the list holds more than that: it waits
+        assert messages.missing("cpu", cutoff, job_of_message) == []
 
     assert messages.requeue("lost", "cpu", task_message(celery, "lost", "cpu"), cutoff)
     assert queued_ids(store.redis, "cpu")[-1] == "lost"  # at the end kombu takes from next
     assert not messages.requeue("lost", "cpu", task_message(celery, "lost", "cpu"), cutoff)  # pushed once
-    assert messages.missing(cutoff, broker_lists, job_of_message) == []
-    assert messages.missing(time.time() + 1, broker_lists, job_of_message) == [lost.Queued("young", "cpu", False)]
+    assert messages.missing("cpu", cutoff, job_of_message) == []
+    assert messages.missing("cpu", messages.now() + 1, job_of_message) == ["young"]
     assert not messages.requeue("claimed", "cpu", task_message(celery, "claimed", "cpu"), cutoff)  # it runs
     assert queued_ids(store.redis, "cpu").count("lost") == 1 and queued_ids(store.redis, "cpu").count("claimed") == 1
+
+
+def test_the_recovery_sweep_pushes_a_lost_message_only_after_two_searches_onto_its_own_list(store, celery):
+    batch_list = batch_queue("cpu")
+    store.submit("item", {"prompt": "hi"}, "cpu", "", task_message(celery, "item", batch_list))
+    store.redis.delete("cpu")  # submit pushed it onto "cpu": move it to the batch list, as a batch's item
+    store.redis.hset(keys.job("item"), "broker_list", batch_list)
+    store.redis.delete(keys.queued("cpu"))
+    store.redis.zadd(keys.queued(batch_list), {"item": 0})  # and long ago; then its message was lost
+    pushed = []
+
+    def message_for(job_id: str, broker_list: str) -> str:
+        pushed.append((job_id, broker_list))
+        return task_message(celery, job_id, broker_list)
+
+    registry = WorkerRegistry(store.redis)
+    recovery = Recovery(store, registry, "w1", lambda *_: None, 1, 10, ["cpu", batch_list], message_for)
+    recovery.sweep()
+    assert pushed == [] and store.redis.llen(batch_list) == 0  # once missing: maybe in a worker's hands
+    recovery._next_lost_search = 0  # the next search is due
+    recovery.sweep()
+    assert pushed == [("item", batch_list)] and queued_ids(store.redis, batch_list) == ["item"]
+    assert json.loads(store.redis.lindex(batch_list, 0))["properties"]["delivery_info"]["routing_key"] == batch_list
+    recovery._next_lost_search = 0
+    recovery.sweep()
+    assert pushed == [("item", batch_list)]  # found on its list now
 
 
 def test_a_job_is_stored_if_and_only_if_its_message_is_queued(store, celery):
