@@ -33,7 +33,7 @@ from engine.model import Model
 from engine.threads import ThreadChoice, Workload
 from engine.threads import for_worker as threads_for_worker
 from engine.tokenizer import read_tokenizer_files
-from tasks.runtime.app import GENERATE_TASK, consumed_queues, create_celery, task_message
+from tasks.runtime.app import GENERATE_TASK, consumed_queues, task_message
 from tasks.runtime.cancel import CancelWatcher
 from tasks.runtime.heartbeat import Heartbeat
 from tasks.runtime.offload import Offload
@@ -167,13 +167,13 @@ class WorkerRuntime:
         registry = WorkerRegistry(self.store.redis)
         running = lambda: len(self._active)  # noqa: E731
         self.heartbeat = Heartbeat(registry, self.info(), running, interval_s=beat_interval(timeout_s), ttl_s=timeout_s)
-        messages = create_celery(settings)  # builds messages only: it never connects
+        self.sweeper = SubmissionSweeper(settings, self.store)  # finishes batch submissions a dead API left
+        messages = self.sweeper.app  # its message-building app (it never connects) serves the recovery too
         message_for = lambda job_id, queue: task_message(messages, job_id, queue)  # noqa: E731
         lists = sorted(keys.broker_queue(queue) for queue in self.queues)
         self.recovery = Recovery(
             self.store, registry, self.worker_id, self.take_over, timeout_s / 5, timeout_s, lists, message_for
         )
-        self.sweeper = SubmissionSweeper(settings, self.store)  # finishes batch submissions a dead API left
         if settings["VISIBILITY_TIMEOUT_S"] <= settings["JOB_TIME_LIMIT_S"]:
             log.warning("VISIBILITY_TIMEOUT_S should exceed JOB_TIME_LIMIT_S: long jobs may be delivered twice")
 
