@@ -21,7 +21,6 @@ from celery import Celery
 
 from api.errors import ApiError
 from api.generation import Submission
-from api.service.capacity import Capacity
 from api.service.models import ModelService
 from api.service.quotas import Quotas
 from api.service.webhooks import check_webhook
@@ -30,7 +29,7 @@ from tasks.store.batches import BatchRecord
 from tasks.store.followers import Followers
 from tasks.store.jobs import JobRecord, JobStore
 from tasks.store.metrics import MetricsRecorder
-from tasks.store.registry import WorkerRegistry
+from tasks.store.registry import WorkerInfo, WorkerRegistry
 from tasks.store.states import JobState
 
 log = logging.getLogger("api")
@@ -72,17 +71,16 @@ class JobService:
         self.celery = celery
         self.settings = settings
         self.metrics = MetricsRecorder(store.redis)
-        self.capacity = Capacity(store.redis, settings["REDIS_HIGH_WATER"])
         self.quotas = Quotas(settings)
         self.followers = Followers(store)
 
     # -- submitting -----------------------------------------------------------------------------
 
-    def route(self, requested: str | None) -> str:
+    def route(self, requested: str | None, live: list[WorkerInfo]) -> str:
         """The queue the request names; else the GPU queue while a GPU worker is alive; else the default."""
         if requested:
             return requested
-        if self.registry.queue_served(GPU_QUEUE):
+        if any(worker.serves(GPU_QUEUE) for worker in live):
             return GPU_QUEUE
         return self.settings["DEFAULT_QUEUE"]
 
@@ -90,10 +88,10 @@ class JobService:
         self, submission: Submission, owner: str, idempotency_key: str | None = None, request_id: str = ""
     ) -> JobRecord:
         """Queue the submission as a job of owner's: the new job, or the one its Idempotency-Key made."""
-        queue = self.route(submission.queue)
-        self.models.request_check(queue)(submission.request)
+        live = self.registry.live()  # read once: a submission costs this and its store step, two round trips
+        queue = self.route(submission.queue, live)
+        self.models.request_check(queue, live)(submission.request)
         check_webhook(submission.webhook, self.settings)
-        self.capacity.check()
         stored = submission.request.to_dict()
         job_id = new_job_id()
         idempotency = None
@@ -118,7 +116,6 @@ class JobService:
         if submitted.refusal is not None:
             raise self.quotas.refused(submitted.refusal, queue)
         assert submitted.record is not None
-        self.metrics.job_submitted()
         log.info("job %s: queued on %s (request %s)", job_id, queue, request_id)
         return submitted.record
 

@@ -83,14 +83,15 @@ class ModelService:
 
     # -- what the queue can run ------------------------------------------------------------------
 
-    def request_check(self, queue: str) -> RequestCheck:
+    def request_check(self, queue: str, live: list[WorkerInfo] | None = None) -> RequestCheck:
         """A check for requests bound to the queue: the queue's workers are read once, and requests
         checked against them (many, for a batch). It raises a 400 for a LoRA variant no live worker
         serves (unknown_lora), and a 400 context_length_exceeded naming max_tokens when the prompt
         plus max_tokens exceeds the context of a model they serve, counted exactly as the worker will
         (the same ChatTokenizer, from the files it published); a request the chat template refuses is
-        a 400 too. With no worker up (or none that published its tokenizer), the worker decides."""
-        workers = self.workers(queue)
+        a 400 too. With no worker up (or none that published its tokenizer), the worker decides.
+        `live`: the live workers, when the caller has read them already."""
+        workers = self.workers(queue) if live is None else [worker for worker in live if worker.serves(queue)]
         loras = {name for worker in workers for name in worker.loras}
         limits = self.limits(workers)
 

@@ -3,8 +3,9 @@
 The store checks them in the step that stores and queues the work (tasks/store/quotas.py), so two
 concurrent submissions cannot both slip under a limit. Per API key (its owner name; everyone shares
 the open API's): queued jobs, running jobs, queued batch items (429 each). Per queue: waiting jobs
-and waiting batch items (429), and a live worker (503 `no_worker` once none has served the queue for
-NO_WORKER_GRACE_S, instead of piling up jobs nothing will run).
+and waiting batch items (429), a live worker (503 `no_worker` once none has served the queue for
+NO_WORKER_GRACE_S, instead of piling up jobs nothing will run). Per server, for a job: Redis's memory
+(503 `store_full` past REDIS_HIGH_WATER of its maxmemory, api/service/capacity.py).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from api.errors import ApiError
+from api.service.capacity import store_full
 from tasks.store.quotas import Limits, Refusal
 from tasks.store.registry import HEARTBEAT_TTL_S
 
@@ -43,6 +45,7 @@ class Quotas:
             queue_depth=int(self.settings["MAX_QUEUED_JOBS"]),
             owner_queued=int(self.settings["MAX_QUEUED_JOBS_PER_KEY"]),
             owner_running=int(self.settings["MAX_RUNNING_JOBS_PER_KEY"]),
+            memory_high_water=float(self.settings["REDIS_HIGH_WATER"]),
         )
 
     def batch_limits(self, queue: str) -> Limits:
@@ -56,6 +59,8 @@ class Quotas:
         """The error of a refusal; `batch_items`: the size of the refused batch (0 for a job)."""
         count, maximum = int(refusal.count), int(refusal.maximum)
         retry = {"Retry-After": str(RETRY_AFTER_S)}
+        if refusal.limit == "memory_high_water":
+            return store_full(refusal, float(self.settings["REDIS_HIGH_WATER"]))
         adding = f"; this batch's {batch_items} would pass it" if batch_items else ""
         if refusal.limit == "worker_seen_since":
             grace = self.settings["NO_WORKER_GRACE_S"]

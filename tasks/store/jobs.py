@@ -20,6 +20,7 @@ import redis
 from config import DEFAULTS
 from tasks.store import keys, quotas
 from tasks.store.lua import script
+from tasks.store.metrics import JOBS, counter_field
 from tasks.store.quotas import NO_LIMITS, Limits, Refusal, limit_args
 from tasks.store.states import JobState
 
@@ -159,7 +160,7 @@ if ARGV[6] ~= '' then
   if bound and redis.call('EXISTS', JOB_PREFIX .. cjson.decode(bound).job_id) == 1 then return {{'bound', bound}} end
 end
 local limits = read_limits(7)
-local refusal = worker_seen(KEYS[6], limits.seen_since)
+local refusal = memory_room(limits.memory_high_water) or worker_seen(KEYS[6], limits.seen_since)
   or within('queue_depth', redis.call('LLEN', KEYS[2]), 1, limits.queue_depth)
 if refusal then return refusal end
 if limits.owner_queued > 0 or limits.owner_running > 0 then
@@ -178,6 +179,7 @@ redis.call('ZADD', KEYS[3], created_at, job_id)
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', created_at - tonumber(kept_s))
 redis.call('EXPIRE', KEYS[3], kept_s)
 if ARGV[6] ~= '' then redis.call('SET', KEYS[5], ARGV[6], 'EX', ttl) end
+redis.call('HINCRBYFLOAT', KEYS[7], '{counter_field(JOBS, JobState.QUEUED.value)}', 1)
 return {{'created'}}
 """
 )
@@ -358,8 +360,9 @@ class JobStore:
     ) -> Submitted:
         """Check the limits, then write the job, list it under its owner, bind its Idempotency-Key
         (`idempotency`: the key's digest and the request's, see api/service/jobs.py) and push its
-        broker `message` (tasks/runtime/app.py task_message) onto the queue's list, in one atomic step:
-        a job is stored if and only if it is queued, and a bound key always names a job that exists.
+        broker `message` (tasks/runtime/app.py task_message) onto the queue's list, and count it in the
+        jobs metric, in one atomic step: a job is stored if and only if it is queued, and a bound key
+        always names a job that exists.
         Returns the new job, or the binding its key already had, or the limit that refused it."""
         record, fields = _new_record(job_id, request, queue, owner, None, webhook, metadata)
         key_digest, body_digest = idempotency or ("", "")
@@ -372,6 +375,7 @@ class JobStore:
                 keys.owner_live_jobs(record.owner),
                 keys.idempotency(record.owner, key_digest) if idempotency else keys.job(job_id),
                 keys.queue_seen(queue),
+                keys.METRICS_COUNTERS,
             ],
             args=[
                 self.ttl_s,
@@ -514,10 +518,6 @@ class JobStore:
                     client=pipe,
                 )
             pipe.execute()
-
-    def queue_served(self, queue: str) -> bool:
-        """Whether a live worker (one whose heartbeat has not expired) consumes the queue."""
-        return bool(self.redis.exists(keys.queue_served(queue)))
 
     def cancel_requested(self, job_id: str) -> bool:
         return self.redis.hget(keys.job(job_id), "cancel_requested") == "1"

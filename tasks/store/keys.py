@@ -167,11 +167,6 @@ def tokenizer(digest: str) -> str:
     return f"{PREFIX}:tokenizer:{digest}"
 
 
-def queue_served(queue: str) -> str:
-    """Exists while some worker consuming the queue beats (each heartbeat sets it, with its TTL)."""
-    return f"{PREFIX}:queue:{queue}:served"
-
-
 def queue_seen(queue: str) -> str:
     """The Unix time of the last heartbeat of a worker consuming the queue: new jobs are refused on a
     queue no worker has served for a while (the no-worker grace)."""

@@ -66,7 +66,7 @@ BATCH_SIZE = Histogram("engine_batch_size", "Jobs in each engine call.", (1, 2, 
 HISTOGRAMS = (TIME_TO_FIRST_TOKEN, JOB_DURATION, QUEUE_WAIT, BATCH_SIZE)
 
 
-def _counter_field(counter: Counter, label_value: str | None) -> str:
+def counter_field(counter: Counter, label_value: str | None) -> str:
     return counter.name if label_value is None else f"{counter.name}:{label_value}"
 
 
@@ -83,9 +83,7 @@ class MetricsRecorder:
     # -- writers -------------------------------------------------------------------------------
 
     def count(self, counter: Counter, amount: float = 1, label_value: str | None = None) -> None:
-        self._safely(
-            lambda pipe: pipe.hincrbyfloat(keys.METRICS_COUNTERS, _counter_field(counter, label_value), amount)
-        )
+        self._safely(lambda pipe: pipe.hincrbyfloat(keys.METRICS_COUNTERS, counter_field(counter, label_value), amount))
 
     def observe(self, histogram: Histogram, value: float) -> None:
         bound = next((b for b in histogram.buckets if value <= b), math.inf)
@@ -97,9 +95,6 @@ class MetricsRecorder:
             pipe.hincrbyfloat(key, "sum", value)
 
         self._safely(write)
-
-    def job_submitted(self) -> None:
-        self.count(JOBS, label_value="queued")
 
     def job_started(self, created_at: float) -> None:
         self.count(JOBS, label_value="running")

@@ -1,17 +1,21 @@
 """The limits a new job or batch is checked against, in the same atomic step that stores and queues it.
 
 Per queue: a live worker must have served it lately (the no-worker grace), and its broker list may hold
-so many messages. Per owner (an API key's name): so many queued jobs, running jobs and queued batch
-items. The owner's counts come from two sets of ids that may not have ended (keys.owner_live_jobs,
-keys.owner_live_batches), read as the step counts: what has ended is dropped there, so the workers'
-scripts need not know about quotas. A limit of 0 is no limit.
+so many messages. Per server: Redis may use so much of its maxmemory (the high-water mark), so the work
+already accepted keeps room to write its chunks and ends. Per owner (an API key's name): so many queued
+jobs, running jobs and queued batch items. The owner's counts come from two sets of ids that may not
+have ended (keys.owner_live_jobs, keys.owner_live_batches), read as the step counts: what has ended is
+dropped there, so the workers' scripts need not know about quotas. A limit of 0 is no limit.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import redis
+
 from tasks.store import keys
+from tasks.store.lua import script
 
 
 @dataclass(frozen=True)
@@ -21,12 +25,14 @@ class Limits:
     owner_queued: int = 0  # the owner's queued jobs
     owner_running: int = 0  # the owner's running jobs
     owner_batch_items: int = 0  # the owner's queued batch items
+    memory_high_water: float = 0.0  # the share of Redis's maxmemory in use that refuses new work; 0: no check
 
 
 @dataclass(frozen=True)
 class Refusal:
     """A limit that refused the job or batch: its name (a Limits field), the count it found (for
-    worker_seen_since: when a worker last beat, 0 for never) and the limit."""
+    worker_seen_since: when a worker last beat, 0 for never; for memory_high_water: the bytes in
+    use, and maxmemory) and the limit."""
 
     limit: str
     count: float
@@ -45,6 +51,7 @@ def limit_args(limits: Limits) -> list[str]:
         str(limits.owner_queued),
         str(limits.owner_running),
         str(limits.owner_batch_items),
+        repr(limits.memory_high_water),
     ]
 
 
@@ -59,7 +66,7 @@ local BATCH_PREFIX = '{keys.batch("")}'
 local function read_limits(first)
   return {{seen_since = tonumber(ARGV[first]), queue_depth = tonumber(ARGV[first + 1]),
           owner_queued = tonumber(ARGV[first + 2]), owner_running = tonumber(ARGV[first + 3]),
-          owner_batch_items = tonumber(ARGV[first + 4])}}
+          owner_batch_items = tonumber(ARGV[first + 4]), memory_high_water = tonumber(ARGV[first + 5])}}
 end
 
 local function refused(limit, count, maximum)
@@ -75,6 +82,16 @@ local function worker_seen(seen_key, since)
   if since <= 0 then return nil end
   local seen = tonumber(redis.call('GET', seen_key) or '0')
   if seen < since then return refused('worker_seen_since', seen, since) end
+end
+
+-- Redis must use less than high_water of its maxmemory (none set: no check). INFO is read in the step
+-- itself, so a burst of submissions cannot slip past a reading taken before it.
+local function memory_room(high_water)
+  if high_water <= 0 then return nil end
+  local info = redis.call('INFO', 'memory')
+  local limit = tonumber(string.match(info, '\\nmaxmemory:(%d+)') or '0')
+  local used = tonumber(string.match(info, '\\nused_memory:(%d+)') or '0')
+  if limit > 0 and used >= high_water * limit then return refused('memory_high_water', used, limit) end
 end
 
 -- The owner's queued and running jobs; ended (or expired) ones leave the set here.
@@ -103,3 +120,15 @@ local function live_batch_items(set_key)
   return items
 end
 """
+
+
+class MemoryRoom:
+    """The high-water check alone, for work admitted without a script of its own (an upload, read
+    before it is written)."""
+
+    def __init__(self, client: redis.Redis):
+        self._check = client.register_script(script(LUA + "\nreturn memory_room(tonumber(ARGV[1])) or {'room'}\n"))
+
+    def refusal(self, high_water: float) -> Refusal | None:
+        reply = self._check(args=[repr(float(high_water))])
+        return Refusal.from_reply(reply) if reply[0] == "refused" else None

@@ -61,9 +61,20 @@ class WorkerInfo:
         return cls(**values)
 
 
+# The live workers' heartbeat hashes: those whose entry in keys.WORKERS expires after ARGV[1] (now).
+_LIVE = """
+local beats = {}
+for i, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[1], '+inf')) do
+  beats[i] = redis.call('HGETALL', ARGV[2] .. id)
+end
+return beats
+"""
+
+
 class WorkerRegistry:
     def __init__(self, client: redis.Redis):
         self.redis = client
+        self._live = client.register_script(_LIVE)
 
     def beat(self, info: WorkerInfo, ttl_s: float = HEARTBEAT_TTL_S) -> None:
         """Announce the worker (alive for ttl_s more seconds), and forget workers that stopped beating."""
@@ -74,8 +85,7 @@ class WorkerRegistry:
             pipe.expire(keys.worker(info.id), ttl)
             pipe.zadd(keys.WORKERS, {info.id: now + ttl})
             pipe.zremrangebyscore(keys.WORKERS, "-inf", now)
-            for queue in info.queues:  # the API routes jobs to the GPU queue while this key lives
-                pipe.set(keys.queue_served(queue), info.id, ex=ttl)
+            for queue in info.queues:
                 pipe.set(keys.queue_seen(queue), repr(now), ex=SEEN_KEPT_S)
             pipe.execute()
 
@@ -87,26 +97,17 @@ class WorkerRegistry:
             pipe.execute()
 
     def live(self) -> list[WorkerInfo]:
-        """Every live worker (one beats once its models are loaded), in id order."""
-        ids = self.redis.zrangebyscore(keys.WORKERS, time.time(), "+inf")
-        with self.redis.pipeline(transaction=False) as pipe:
-            for worker_id in ids:
-                pipe.hgetall(keys.worker(worker_id))
-            beats = pipe.execute()
+        """Every live worker (one beats once its models are loaded), in id order: one round trip."""
         workers = []
-        for beat in beats:
+        for beat in self._live(keys=[keys.WORKERS], args=[repr(time.time()), keys.worker("")]):
             try:
-                workers.append(WorkerInfo.from_hash(beat))
-            except (TypeError, ValueError):  # an entry this version cannot read (another version's)
+                workers.append(WorkerInfo.from_hash(dict(zip(beat[::2], beat[1::2], strict=True))))
+            except (TypeError, ValueError):  # expired since, or an entry this version cannot read (another's)
                 continue
         return sorted(workers, key=lambda w: w.id)
 
     def serving(self, queue: str) -> list[WorkerInfo]:
         return [worker for worker in self.live() if worker.serves(queue)]
-
-    def queue_served(self, queue: str) -> bool:
-        """Whether some live worker consumes the queue (one read, for routing each job)."""
-        return bool(self.redis.exists(keys.queue_served(queue)))
 
     def is_alive(self, worker_id: str) -> bool:
         return bool(self.redis.exists(keys.worker(worker_id)))

@@ -1,6 +1,8 @@
 """Routing: a job goes to the queue it names, else to the GPU queue while a GPU worker is alive,
 else to the default queue; each queue's workers are real processes."""
 
+import time
+
 import pytest
 import redis
 
@@ -55,11 +57,14 @@ def test_an_unknown_queue_is_400_naming_the_field(workers):
 
 def test_without_a_live_gpu_worker_jobs_go_to_the_default_queue(workers):
     client = make_client(ROUTING_DB)
-    served = keys.queue_served("gpu")
-    store = client.application.extensions["genqueue.jobs"].store
-    assert 0 < store.redis.ttl(served) <= 15  # it expires unless a gpu worker keeps beating
+    registry = client.application.extensions["genqueue.jobs"].registry
+    gpu = [w.id for w in registry.live() if w.serves("gpu")]
+    assert gpu and all(w.endswith(f":{workers['gpu'].process.pid}") for w in gpu)
+    workers["gpu"].process.kill()  # kill -9: its entry stays until its heartbeat expires
     workers["gpu"].stop()
-    store.redis.delete(served)  # what its expiry does, without waiting for it
+    now = time.time()
+    assert all(now < registry.redis.zscore(keys.WORKERS, w) <= now + 15 for w in gpu)  # it would expire
+    registry.redis.zadd(keys.WORKERS, {w: now - 1 for w in gpu})  # what its expiry does, without waiting for it
     job, pid = run(client, JOB)
     assert job["status"] == "succeeded"
     assert pid == str(workers["cpu"].process.pid)
