@@ -34,10 +34,13 @@ from collections import Counter
 from pathlib import Path
 from urllib.parse import urlparse
 
+import redis
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.harness import PROMPTS, git_state, load_average, machine, model_dir, percentile, print_table, rss_mib  # noqa: E402
 from genqueue import launcher  # noqa: E402
+from tasks.store import keys  # noqa: E402
 
 CONNECT_BATCH = 200  # connections opened at once
 HELD_TIMEOUT_S = 180  # for every client to be held
@@ -150,10 +153,11 @@ async def hold_clients(
     window_s: float,
     settle_s: float,
     api_pid: int,
-    redis_port: int,
+    redis_url: str,
 ):
     parts = urlparse(url)
     host, port = parts.hostname, parts.port
+    redis_port = urlparse(redis_url).port or 6379
     opened = asyncio.Semaphore(CONNECT_BATCH)
     tasks = [asyncio.create_task(stream(host, port, job_ids[i % len(job_ids)], opened)) for i in range(streams)]
     tasks += [asyncio.create_task(poll(host, port, job_ids[i % len(job_ids)], opened)) for i in range(polls)]
@@ -179,10 +183,24 @@ async def hold_clients(
             await asyncio.sleep(1)
 
     sampler = asyncio.create_task(sample())
+    logged = logged_events(redis_url, job_ids)
     measured = await loop.run_in_executor(None, run_probe, url, window_s)
+    measured["chunks_per_s"] = (logged_events(redis_url, job_ids) - logged) / window_s
     sampler.cancel()
     results = await asyncio.gather(*tasks)
     return measured, samples, results
+
+
+def logged_events(redis_url: str, job_ids: list[str]) -> int:
+    """The events in the jobs' logs now: how fast they grow is the load the followers fan out."""
+    client = redis.Redis.from_url(redis_url)
+    try:
+        with client.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.xlen(keys.job_log(job_id))
+            return sum(pipe.execute())
+    finally:
+        client.close()
 
 
 def held_now(url: str) -> dict[str, float]:
@@ -323,7 +341,7 @@ def main() -> None:
         idle_rss, idle_connections = rss_mib(pid)[0], launcher.connections_to(pid, redis_port)
         started = time.monotonic()
         measured, samples, results = asyncio.run(
-            hold_clients(url, job_ids, args.streams, args.polls, args.window, args.settle, pid, redis_port)
+            hold_clients(url, job_ids, args.streams, args.polls, args.window, args.settle, pid, redis_url)
         )
         stored = stored_results(url, job_ids)
         elapsed = time.monotonic() - started
@@ -389,6 +407,11 @@ def main() -> None:
             [
                 "held during the window (fewest seen, /metrics)",
                 f"{held_min.get('streams', 0):.0f} streams, {held_min.get('waits', 0):.0f} waits",
+                "",
+            ],
+            [
+                "chunks logged per second in the window, all jobs / sent to streams",
+                f"{measured['chunks_per_s']:.0f} / {measured['chunks_per_s'] * args.streams / args.jobs:.0f}",
                 "",
             ],
             [
