@@ -24,6 +24,7 @@ from typing import Any
 
 from tasks.store import keys, quotas
 from tasks.store.jobs import JobStore, now
+from tasks.store.listing import newest_first
 from tasks.store.lua import script
 from tasks.store.quotas import Limits, Refusal, limit_args
 from tasks.store.states import BatchState
@@ -366,31 +367,9 @@ class BatchStore:
     def list(self, owner: str | None, limit: int, after: str | None = None) -> tuple[list[BatchRecord], bool]:
         """The owner's batches newest first, up to `limit` after the batch `after`, and whether more
         follow. Raises KeyError for an `after` that is not one of the owner's batches."""
-        listing = keys.owner_batches(owner or "")
-        start = 0
-        if after:
-            rank = self.redis.zrevrank(listing, after)
-            if rank is None:
-                raise KeyError(after)
-            start = rank + 1
-        found: list[BatchRecord] = []
-        while len(found) <= limit:
-            ids = self.redis.zrevrange(listing, start, start + limit)
-            if not ids:
-                break
-            start += len(ids)
-            with self.redis.pipeline(transaction=False) as pipe:
-                for batch_id in ids:
-                    pipe.hgetall(keys.batch(batch_id))
-                    pipe.ttl(keys.batch(batch_id))
-                replies = pipe.execute()
-            for batch_id, data, ttl_left in zip(ids, replies[::2], replies[1::2], strict=True):
-                if data:
-                    found.append(BatchRecord.from_hash(data, ttl_left))
-                else:  # expired: forget it
-                    self.redis.zrem(listing, batch_id)
-                    start -= 1
-        return found[:limit], len(found) > limit
+        return newest_first(
+            self.redis, keys.owner_batches(owner or ""), limit, after, keys.batch, BatchRecord.from_hash
+        )
 
     def results(self, batch_id: str, total: int) -> Iterator[dict[str, Any]]:
         """Each ended item's entry ({custom_id, index, end}: its end event) in input order, reading

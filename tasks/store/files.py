@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from tasks.store import keys
 from tasks.store.jobs import JobStore, now
+from tasks.store.listing import newest_first
 
 LINES_CHUNK = 1000  # lines per pipelined round trip
 
@@ -111,18 +112,4 @@ class FileStore:
     def list(self, owner: str, limit: int, after: str | None = None) -> tuple[list[FileRecord], bool]:
         """The owner's files newest first, up to `limit` after the file `after`, and whether more follow.
         Raises KeyError for an `after` that is not one of the owner's files."""
-        listing = keys.owner_files(owner)
-        start = 0
-        if after:
-            rank = self.redis.zrevrank(listing, after)
-            if rank is None:
-                raise KeyError(after)
-            start = rank + 1
-        found: list[FileRecord] = []
-        for file_id in self.redis.zrevrange(listing, start, start + limit):
-            record = self.get(file_id)
-            if record is None:  # expired: forget it
-                self.redis.zrem(listing, file_id)
-            else:
-                found.append(record)
-        return found[:limit], len(found) > limit
+        return newest_first(self.redis, keys.owner_files(owner), limit, after, keys.file, FileRecord.from_hash)
